@@ -1,0 +1,43 @@
+#pragma once
+// The exceptions memshuffle throws. std::bad_alloc from an upstream resource is
+// passed through unchanged and is not wrapped in these.
+#include <stdexcept>
+#include <string>
+
+namespace memshuffle {
+
+class error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+  ~error() override;
+};
+
+// An invalid, unknown, stale or freed handle, or one from another shuffler.
+class invalid_handle_error : public error {
+ public:
+  using error::error;
+  ~invalid_handle_error() override;
+};
+
+// A return without a rent, or a free of a rented entry.
+class lease_error : public error {
+ public:
+  using error::error;
+  ~lease_error() override;
+};
+
+// A type larger than the entry or misaligned for it, n == 0, a bad alignment.
+class type_error : public error {
+ public:
+  using error::error;
+  ~type_error() override;
+};
+
+// An authenticated cipher found the ciphertext altered.
+class integrity_error : public error {
+ public:
+  using error::error;
+  ~integrity_error() override;
+};
+
+}  // namespace memshuffle
