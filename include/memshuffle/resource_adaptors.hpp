@@ -1,0 +1,57 @@
+#pragma once
+// Bridges between the two polymorphic-resource families, so any std::pmr resource
+// (every memshuffle resource among them) serves boost::container::pmr containers, and
+// any boost one serves std::pmr containers. Both pass size and alignment through
+// unchanged: an alignment of 4096 reaches the underlying resource as 4096 (boost's
+// own monotonic_buffer_resource rejects anything above max_align_t, boostorg/container#107).
+//
+// An adaptor does not own what it adapts; the adapted resource must outlive it.
+#include <boost/container/pmr/memory_resource.hpp>
+#include <memory_resource>
+
+namespace memshuffle {
+
+// A boost::container::pmr::memory_resource over a std::pmr::memory_resource.
+class boost_resource_adaptor : public boost::container::pmr::memory_resource {
+ public:
+  explicit boost_resource_adaptor(
+      std::pmr::memory_resource* upstream = std::pmr::get_default_resource()) noexcept
+      : upstream_(upstream) {}
+  boost_resource_adaptor(const boost_resource_adaptor&) = default;
+  boost_resource_adaptor& operator=(const boost_resource_adaptor&) = default;
+  ~boost_resource_adaptor() override;
+
+  std::pmr::memory_resource* upstream_resource() const noexcept { return upstream_; }
+
+ protected:
+  void* do_allocate(std::size_t bytes, std::size_t alignment) override;
+  void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override;
+  // Equal when the resources underneath are equal (memory from one can be freed
+  // through the other), also across a round trip through std_resource_adaptor.
+  bool do_is_equal(const boost::container::pmr::memory_resource& other) const noexcept override;
+
+ private:
+  std::pmr::memory_resource* upstream_;
+};
+
+// A std::pmr::memory_resource over a boost::container::pmr::memory_resource.
+class std_resource_adaptor : public std::pmr::memory_resource {
+ public:
+  explicit std_resource_adaptor(boost::container::pmr::memory_resource* upstream) noexcept
+      : upstream_(upstream) {}
+  std_resource_adaptor(const std_resource_adaptor&) = default;
+  std_resource_adaptor& operator=(const std_resource_adaptor&) = default;
+  ~std_resource_adaptor() override;
+
+  boost::container::pmr::memory_resource* upstream_resource() const noexcept { return upstream_; }
+
+ protected:
+  void* do_allocate(std::size_t bytes, std::size_t alignment) override;
+  void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override;
+  bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override;
+
+ private:
+  boost::container::pmr::memory_resource* upstream_;
+};
+
+}  // namespace memshuffle
