@@ -1,0 +1,329 @@
+#include <memshuffle/tracking_resource.hpp>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <ostream>
+#include <sstream>
+#include <string.h>  // explicit_bzero
+
+#if defined(__SANITIZE_ADDRESS__)
+#define MEMSHUFFLE_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MEMSHUFFLE_ASAN 1
+#endif
+#endif
+#ifdef MEMSHUFFLE_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
+
+namespace memshuffle {
+
+namespace {
+
+// Quarantined memory is poisoned under AddressSanitizer, so a use after free is
+// reported at the faulting access, not just observed later.
+void poison(void* p, std::size_t n) {
+#ifdef MEMSHUFFLE_ASAN
+  ASAN_POISON_MEMORY_REGION(p, n);
+#else
+  (void)p, (void)n;
+#endif
+}
+void unpoison(void* p, std::size_t n) {
+#ifdef MEMSHUFFLE_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(p, n);
+#else
+  (void)p, (void)n;
+#endif
+}
+
+// Live allocations keyed by pointer: open addressing with linear probing and
+// backward-shift deletion, so the hot path never allocates (a node-based map would
+// cost a malloc per tracked allocation, more than the upstream itself).
+class live_table {
+ public:
+  allocation_record* find(const void* p) noexcept {
+    if (slots_.empty()) return nullptr;
+    for (std::size_t i = home(p);; i = (i + 1) & mask_) {
+      if (slots_[i].pointer == p) return &slots_[i];
+      if (slots_[i].pointer == nullptr) return nullptr;
+    }
+  }
+
+  // Makes room for one more record; the only step that can throw.
+  void reserve_one() {
+    if ((size_ + 1) * 4 <= slots_.size() * 3) return;
+    std::vector<allocation_record> old(std::max<std::size_t>(64, slots_.size() * 2));
+    old.swap(slots_);
+    mask_ = slots_.size() - 1;
+    for (auto& r : old)
+      if (r.pointer) place(r);
+  }
+
+  void insert(const allocation_record& r) noexcept {  // after reserve_one()
+    place(r);
+    ++size_;
+  }
+
+  void erase(allocation_record* r) noexcept {
+    std::size_t hole = static_cast<std::size_t>(r - slots_.data());
+    for (std::size_t i = (hole + 1) & mask_; slots_[i].pointer; i = (i + 1) & mask_) {
+      // Move back any record whose probe sequence passes over the hole.
+      if (((i - home(slots_[i].pointer)) & mask_) >= ((i - hole) & mask_)) {
+        slots_[hole] = slots_[i];
+        hole = i;
+      }
+    }
+    slots_[hole] = allocation_record{};
+    --size_;
+  }
+
+  std::size_t size() const noexcept { return size_; }
+
+  template <class F>
+  void for_each(F f) const {
+    for (auto& r : slots_)
+      if (r.pointer) f(r);
+  }
+
+  void clear() noexcept {
+    std::fill(slots_.begin(), slots_.end(), allocation_record{});
+    size_ = 0;
+  }
+
+ private:
+  std::size_t home(const void* p) const noexcept {
+    auto x = static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p));
+    x *= 0x9E3779B97F4A7C15ull;  // Fibonacci hashing: spreads aligned addresses
+    return static_cast<std::size_t>(x >> 32) & mask_;
+  }
+  void place(const allocation_record& r) noexcept {
+    std::size_t i = home(r.pointer);
+    while (slots_[i].pointer) i = (i + 1) & mask_;
+    slots_[i] = r;
+  }
+
+  std::vector<allocation_record> slots_;
+  std::size_t mask_ = 0;
+  std::size_t size_ = 0;
+};
+
+struct freed_block {
+  void* p;
+  std::size_t bytes, alignment;
+};
+
+}  // namespace
+
+struct tracking_resource::state {
+  std::mutex mutex;
+  live_table live;
+  tracking_stats stats;
+  std::uint64_t sequence = 0;
+  std::vector<bad_deallocation_record> bad;
+  std::vector<freed_block> quarantine;
+  // The most recently freed pointers, only to tell a double free from a stray pointer.
+  std::array<const void*, 1024> recently_freed{};
+  std::size_t recently_freed_next = 0;
+
+  std::unique_lock<std::mutex> lock(bool thread_safe) {
+    return thread_safe ? std::unique_lock(mutex) : std::unique_lock<std::mutex>();
+  }
+
+  bool was_freed(const void* p) const noexcept {
+    return std::find(recently_freed.begin(), recently_freed.end(), p) != recently_freed.end();
+  }
+
+  void record_bad(bad_deallocation_kind kind, const void* p, std::size_t bytes,
+                  std::size_t alignment, const allocation_record* block) noexcept {
+    ++stats.bad_deallocations;
+    if (bad.size() >= max_bad_records) return;
+    try {
+      bad.push_back({kind, p, bytes, alignment, block ? *block : allocation_record{}});
+    } catch (const std::bad_alloc&) {
+      // Still counted; only the detail is lost.
+    }
+  }
+};
+
+const char* to_string(bad_deallocation_kind kind) noexcept {
+  switch (kind) {
+    case bad_deallocation_kind::unknown_pointer: return "pointer never allocated here";
+    case bad_deallocation_kind::double_free: return "double free";
+    case bad_deallocation_kind::wrong_size: return "wrong size";
+    case bad_deallocation_kind::wrong_alignment: return "wrong alignment";
+  }
+  return "unknown";
+}
+
+tracking_resource::tracking_resource(tracking_options options, std::pmr::memory_resource* upstream)
+    : options_(options), upstream_(upstream), state_(std::make_unique<state>()) {
+  if (upstream_ == nullptr) throw std::invalid_argument("tracking_resource: null upstream");
+}
+
+tracking_resource::~tracking_resource() { release_quarantine(); }
+
+void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
+  auto& s = *state_;
+  auto lock = s.lock(options_.thread_safe);
+  s.live.reserve_one();  // may throw; nothing observable has changed yet
+  // A zero-byte request still gets a byte upstream, so its pointer is unique as a key.
+  void* p = upstream_->allocate(bytes == 0 ? 1 : bytes, alignment);
+  s.live.insert({p, bytes, alignment, ++s.sequence});
+  auto& st = s.stats;
+  ++st.current_allocations;
+  st.current_bytes += bytes;
+  ++st.total_allocations;
+  st.total_bytes += bytes;
+  st.peak_bytes = std::max(st.peak_bytes, st.current_bytes);
+  st.peak_allocations = std::max(st.peak_allocations, st.current_allocations);
+  if (options_.fill_on_allocate) std::memset(p, std::to_integer<int>(*options_.fill_on_allocate), bytes);
+  return p;
+}
+
+void tracking_resource::do_deallocate(void* p, std::size_t bytes, std::size_t alignment) {
+  auto& s = *state_;
+  auto lock = s.lock(options_.thread_safe);
+  allocation_record* r = s.live.find(p);
+  if (r == nullptr) {
+    s.record_bad(s.was_freed(p) ? bad_deallocation_kind::double_free
+                                : bad_deallocation_kind::unknown_pointer,
+                 p, bytes, alignment, nullptr);
+    return;
+  }
+  if (r->bytes != bytes || r->alignment != alignment) {
+    s.record_bad(r->bytes != bytes ? bad_deallocation_kind::wrong_size
+                                   : bad_deallocation_kind::wrong_alignment,
+                 p, bytes, alignment, r);
+    return;
+  }
+  s.live.erase(r);
+  auto& st = s.stats;
+  --st.current_allocations;
+  st.current_bytes -= bytes;
+  ++st.total_deallocations;
+  s.recently_freed[s.recently_freed_next++ % s.recently_freed.size()] = p;
+
+  const std::size_t upstream_bytes = bytes == 0 ? 1 : bytes;
+  if (options_.wipe_on_deallocate) explicit_bzero(p, bytes);
+  if (options_.quarantine) {
+    try {
+      s.quarantine.push_back({p, upstream_bytes, alignment});
+      ++st.quarantined_allocations;
+      st.quarantined_bytes += bytes;
+      poison(p, upstream_bytes);
+      return;
+    } catch (const std::bad_alloc&) {
+      // No room to remember it: give it back rather than lose it.
+    }
+  }
+  upstream_->deallocate(p, upstream_bytes, alignment);
+}
+
+bool tracking_resource::do_is_equal(const std::pmr::memory_resource& other) const noexcept {
+  return this == &other;
+}
+
+tracking_stats tracking_resource::stats() const {
+  auto lock = state_->lock(options_.thread_safe);
+  return state_->stats;
+}
+
+bool tracking_resource::has_leaks() const {
+  auto lock = state_->lock(options_.thread_safe);
+  return state_->live.size() != 0;
+}
+
+bool tracking_resource::has_bad_deallocations() const {
+  auto lock = state_->lock(options_.thread_safe);
+  return state_->stats.bad_deallocations != 0;
+}
+
+std::vector<allocation_record> tracking_resource::live_allocations() const {
+  std::vector<allocation_record> out;
+  {
+    auto lock = state_->lock(options_.thread_safe);
+    out.reserve(state_->live.size());
+    state_->live.for_each([&](const allocation_record& r) { out.push_back(r); });
+  }
+  std::sort(out.begin(), out.end(),
+            [](const auto& a, const auto& b) { return a.sequence < b.sequence; });
+  return out;
+}
+
+std::vector<bad_deallocation_record> tracking_resource::bad_deallocations() const {
+  auto lock = state_->lock(options_.thread_safe);
+  return state_->bad;
+}
+
+void tracking_resource::report(std::ostream& os) const {
+  // Long lists are cut: the first leaks in order tell where to look.
+  constexpr std::size_t max_lines = 256;
+  const auto leaks = live_allocations();
+  const auto bad = bad_deallocations();
+  const auto st = stats();
+  std::size_t shown = 0;
+  for (const auto& r : leaks) {
+    if (shown++ == max_lines) {
+      os << "... and " << leaks.size() - max_lines << " more leaks\n";
+      break;
+    }
+    os << "leak: allocation #" << r.sequence << ", " << r.bytes << " bytes, alignment "
+       << r.alignment << ", at " << r.pointer << '\n';
+  }
+  for (const auto& b : bad) {
+    os << "bad deallocation (" << to_string(b.kind) << "): " << b.pointer << ", "
+       << b.bytes << " bytes, alignment " << b.alignment;
+    if (b.block.pointer)
+      os << "; the block is allocation #" << b.block.sequence << ", " << b.block.bytes
+         << " bytes, alignment " << b.block.alignment;
+    os << '\n';
+  }
+  if (st.bad_deallocations > bad.size())
+    os << "... and " << st.bad_deallocations - bad.size() << " more bad deallocations\n";
+  os << "totals: " << st.current_allocations << " live allocations (" << st.current_bytes
+     << " bytes), peak " << st.peak_bytes << " bytes and " << st.peak_allocations
+     << " allocations, " << st.total_allocations << " allocations (" << st.total_bytes
+     << " bytes) in all, " << st.bad_deallocations << " bad deallocations\n";
+}
+
+std::string tracking_resource::report() const {
+  std::ostringstream os;
+  report(os);
+  return std::move(os).str();
+}
+
+void tracking_resource::release_quarantine() {
+  std::vector<freed_block> blocks;
+  {
+    auto lock = state_->lock(options_.thread_safe);
+    blocks.swap(state_->quarantine);
+    state_->stats.quarantined_allocations = 0;
+    state_->stats.quarantined_bytes = 0;
+  }
+  for (auto& b : blocks) {
+    unpoison(b.p, b.bytes);
+    upstream_->deallocate(b.p, b.bytes, b.alignment);
+  }
+}
+
+void tracking_resource::release_leaks() {
+  std::vector<allocation_record> blocks;
+  {
+    auto lock = state_->lock(options_.thread_safe);
+    blocks.reserve(state_->live.size());
+    state_->live.for_each([&](const allocation_record& r) { blocks.push_back(r); });
+    state_->live.clear();
+    state_->stats.current_allocations = 0;
+    state_->stats.current_bytes = 0;
+  }
+  for (auto& r : blocks) upstream_->deallocate(r.pointer, r.bytes == 0 ? 1 : r.bytes, r.alignment);
+}
+
+}  // namespace memshuffle
