@@ -1,2 +1,171 @@
+// The fragmentation scenario: one seeded churn of mixed sizes (16 B..16 KiB, log-uniform)
+// whose live set swings between a low and a high mark, run on malloc, on
+// std::pmr::unsynchronized_pool_resource and on the shuffler. What matters is the
+// footprint each keeps for the same live bytes at the end, after the live set has
+// shrunk from its peak: the shuffler can compact, the others can only reuse holes.
+#include "goal_report.hpp"
+
+
 #include <benchmark/benchmark.h>
-BENCHMARK_MAIN();
+#include <malloc.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <memory_resource>
+#include <random>
+#include <vector>
+
+namespace {
+
+constexpr std::uint64_t seed = 20261122;
+constexpr std::size_t operations = 1'000'000;
+constexpr std::size_t low_mark = 4'000, high_mark = 16'000;  // live entries
+constexpr std::size_t swings = 4;                            // low -> high -> low
+constexpr double mib = 1024.0 * 1024.0;
+
+// size != 0: allocate that many bytes; size == 0: free live entry number victim
+// (the last live entry then takes its place).
+struct op {
+  std::uint32_t size;
+  std::uint32_t victim;
+};
+
+// The same sequence for every allocator, generated once outside the timing.
+const std::vector<op>& workload() {
+  static const std::vector<op> ops = [] {
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<double> unit(0.0, 1.0);
+    std::vector<op> out;
+    out.reserve(operations);
+    std::size_t live = 0;
+    const double period = double(operations) / swings;
+    for (std::size_t i = 0; i < operations; ++i) {
+      double phase = std::fmod(double(i), period) / period;  // 0..1
+      double tri = phase < 0.5 ? 2 * phase : 2 - 2 * phase;  // 0..1..0
+      auto target = static_cast<std::size_t>(low_mark + tri * double(high_mark - low_mark));
+      bool grow = live == 0 || unit(rng) < (live < target ? 0.7 : 0.3);
+      if (grow) {
+        auto size = static_cast<std::uint32_t>(std::lround(16.0 * std::exp2(10.0 * unit(rng))));
+        out.push_back({size, 0});
+        ++live;
+      } else {
+        auto victim = static_cast<std::uint32_t>(rng() % live);
+        out.push_back({0, victim});
+        --live;
+      }
+    }
+    return out;
+  }();
+  return ops;
+}
+
+struct live_entry {
+  void* p;
+  std::size_t size;
+};
+
+// Runs the workload through alloc/free callbacks; returns the live bytes at the end.
+// sample() is called every 10'000 operations (for a footprint peak).
+template <class Entry, class Alloc, class Free, class Sample>
+std::size_t run_workload(std::vector<Entry>& live, Alloc alloc, Free free, Sample sample) {
+  std::size_t live_bytes = 0, i = 0;
+  for (const op& o : workload()) {
+    if (o.size != 0) {
+      live.push_back(alloc(o.size));
+      live_bytes += o.size;
+    } else {
+      Entry& e = live[o.victim];
+      live_bytes -= e.size;
+      free(e);
+      e = live.back();
+      live.pop_back();
+    }
+    if (++i % 10'000 == 0) sample();
+  }
+  return live_bytes;
+}
+
+// Counts what a resource holds from its upstream, now and at most.
+class counting_resource : public std::pmr::memory_resource {
+ public:
+  std::size_t current = 0, peak = 0;
+
+ private:
+  void* do_allocate(std::size_t bytes, std::size_t align) override {
+    void* p = std::pmr::new_delete_resource()->allocate(bytes, align);
+    current += bytes;
+    peak = std::max(peak, current);
+    return p;
+  }
+  void do_deallocate(void* p, std::size_t bytes, std::size_t align) override {
+    current -= bytes;
+    std::pmr::new_delete_resource()->deallocate(p, bytes, align);
+  }
+  bool do_is_equal(const memory_resource& o) const noexcept override { return this == &o; }
+};
+
+void report(benchmark::State& state, std::size_t live_bytes, std::size_t held, std::size_t peak) {
+  state.counters["live_MiB"] = double(live_bytes) / mib;
+  state.counters["held_MiB"] = double(held) / mib;
+  state.counters["peak_MiB"] = double(peak) / mib;
+  state.counters["held/live"] = double(held) / double(live_bytes);
+}
+
+// malloc's footprint: what mallinfo2 says it got from the system (heap + mmapped),
+// relative to before the run. It runs first, before the others used the heap.
+std::size_t malloc_held() {
+  struct mallinfo2 m = mallinfo2();
+  return m.arena + m.hblkhd;
+}
+
+void BM_churn_malloc(benchmark::State& state) {
+  for (auto _ : state) {
+    std::vector<live_entry> live;
+    live.reserve(operations);
+    std::size_t before = malloc_held(), peak = 0;
+    auto sample = [&] { peak = std::max(peak, malloc_held() - before); };
+    std::size_t live_bytes = run_workload(
+        live, [](std::size_t n) { return live_entry{std::malloc(n), n}; },
+        [](live_entry& e) { std::free(e.p); }, sample);
+    sample();
+    report(state, live_bytes, malloc_held() - before, peak);
+    for (auto& e : live) std::free(e.p);
+  }
+}
+BENCHMARK(BM_churn_malloc)->Iterations(1)->Unit(benchmark::kMillisecond);
+
+void BM_churn_std_pool(benchmark::State& state) {
+  for (auto _ : state) {
+    counting_resource upstream;
+    std::pmr::unsynchronized_pool_resource pool(&upstream);
+    std::vector<live_entry> live;
+    live.reserve(operations);
+    std::size_t live_bytes = run_workload(
+        live, [&](std::size_t n) { return live_entry{pool.allocate(n), n}; },
+        [&](live_entry& e) { pool.deallocate(e.p, e.size); }, [] {});
+    report(state, live_bytes, upstream.current, upstream.peak);
+    for (auto& e : live) pool.deallocate(e.p, e.size);
+  }
+}
+BENCHMARK(BM_churn_std_pool)->Iterations(1)->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  memshuffle::bench::goal_reporter reporter(memshuffle::bench::goal_reporter::options_from(argc, argv));
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  std::printf("churn: %zu operations, seed %llu, sizes 16 B..16 KiB log-uniform, "
+              "live entries swinging %zu..%zu %zu times\n",
+              operations, static_cast<unsigned long long>(seed), low_mark, high_mark, swings);
+  std::fflush(stdout);
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+
+  std::printf("\nfootprint for the same live bytes at the end (held / live):\n");
+  for (const char* name : {"BM_churn_malloc", "BM_churn_std_pool"})
+    if (auto r = reporter.counter(name, "held/live"))
+      std::printf("  %-34s %6.3f   %7.1f ns/op\n", name, *r, *reporter.ns(name) / operations);
+  benchmark::Shutdown();
+}
