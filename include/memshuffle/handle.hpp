@@ -1,0 +1,15 @@
+#pragma once
+// A handle names one entry of one shuffler. It is opaque: inside are a slot index, a
+// generation (bumped whenever the slot's entry is freed, so a stale handle is always
+// caught) and a tag of the shuffler that made it (so a handle passed to another
+// shuffler is caught too). No handle a shuffler hands out equals invalid_handle.
+#include <cstdint>
+
+namespace memshuffle {
+
+enum class handle : std::uint64_t {};
+
+// Never names a live entry; a convenient "no entry" value.
+inline constexpr handle invalid_handle{0xFFFF'FFFF};
+
+}  // namespace memshuffle
