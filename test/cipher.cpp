@@ -1,1 +1,364 @@
+// The cipher seam against the published vectors, and the properties the shuffler
+// relies on: in-place sealing, 128-bit counter carry, tamper detection that leaves
+// data unchanged, and thread-safe const calls.
 #include <doctest/doctest.h>
+
+#include <memshuffle/cipher.hpp>
+#include <memshuffle/error.hpp>
+
+#include <crypto++/aes.h>
+#include <crypto++/modes.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <random>
+#include <stdexcept>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+using memshuffle::cipher;
+using memshuffle::cipher_kind;
+using bytes = std::vector<std::byte>;
+
+namespace {
+
+bytes hex(std::string_view s) {
+  auto nibble = [](char c) {
+    return static_cast<unsigned>(c <= '9' ? c - '0' : c - 'a' + 10);
+  };
+  bytes out;
+  for (std::size_t i = 0; i + 1 < s.size(); i += 2)
+    out.push_back(static_cast<std::byte>(nibble(s[i]) << 4 | nibble(s[i + 1])));
+  return out;
+}
+
+bytes random_bytes(std::mt19937_64& rng, std::size_t n) {
+  bytes out(n);
+  for (auto& b : out) b = static_cast<std::byte>(rng());
+  return out;
+}
+
+// The reference the counter tests compare against: Crypto++'s own CTR mode.
+bytes cryptopp_ctr(const bytes& key, const bytes& iv, bytes data) {
+  CryptoPP::CTR_Mode<CryptoPP::AES>::Encryption e;
+  e.SetKeyWithIV(reinterpret_cast<const CryptoPP::byte*>(key.data()), key.size(),
+                 reinterpret_cast<const CryptoPP::byte*>(iv.data()), iv.size());
+  auto* p = reinterpret_cast<CryptoPP::byte*>(data.data());
+  e.ProcessData(p, p, data.size());
+  return data;
+}
+
+const bytes nist_key = hex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
+const bytes nist_counter = hex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff");
+const bytes nist_plaintext = hex(
+    "6bc1bee22e409f96e93d7e117393172a"
+    "ae2d8a571e03ac9c9eb76fac45af8e51"
+    "30c81c46a35ce411e5fbc1191a0a52ef"
+    "f69f2445df4f9b17ad2b417be66c3710");
+const bytes nist_ciphertext = hex(
+    "601ec313775789a5b7a7f504bbf3d228"
+    "f443e3ca4d62b59aca84e990cacaf5c5"
+    "2b0930daa23de94ce87017ba2d84988d"
+    "dfc9c58db67aada613c2dd08457941a6");
+
+// McGrew and Viega, "The Galois/Counter Mode of Operation", appendix B.
+struct gcm_vector {
+  int test_case;
+  std::string_view key, iv, aad, plaintext, ciphertext, tag;
+};
+
+constexpr std::string_view spec_key =
+    "feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308";
+constexpr std::string_view spec_aad = "feedfacedeadbeeffeedfacedeadbeefabaddad2";
+constexpr std::string_view spec_plaintext_60 =
+    "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72"
+    "1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39";
+
+const gcm_vector gcm_vectors[] = {
+    {13, "0000000000000000000000000000000000000000000000000000000000000000",
+     "000000000000000000000000", "", "", "", "530f8afbc74536b9a963b4f1c4cb738b"},
+    {14, "0000000000000000000000000000000000000000000000000000000000000000",
+     "000000000000000000000000", "", "00000000000000000000000000000000",
+     "cea7403d4d606b6e074ec5d3baf39d18", "d0d1c8a799996bf0265b98b5d48ab919"},
+    {15, spec_key, "cafebabefacedbaddecaf888", "",
+     "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72"
+     "1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b391aafd255",
+     "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa"
+     "8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662898015ad",
+     "b094dac5d93471bdec1a502270e3cc6c"},
+    {16, spec_key, "cafebabefacedbaddecaf888", spec_aad, spec_plaintext_60,
+     "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa"
+     "8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662",
+     "76fc6ece0f4e1768cddf8853bb2d551b"},
+    {17, spec_key, "cafebabefacedbad", spec_aad, spec_plaintext_60,
+     "c3762df1ca787d32ae47c13bf19844cbaf1ae14d0b976afac52ff7d79bba9de0"
+     "feb582d33934a4f0954cc2363bc73f7862ac430e64abe499f47c9b1f",
+     "3a337dbf46a792c45e454913fe2ea8f2"},
+    {18, spec_key,
+     "9313225df88406e555909c5aff5269aa6a7a9538534f7da1e4c303d2a318a728"
+     "c3c0c95156809539fcf0e2429a6b525416aedbf5a0de6a57a637b39b",
+     spec_aad, spec_plaintext_60,
+     "5a8def2f0c9e53f1f75d7853659e2a20eeb2b22aafde6419a058ab4f6f746bf4"
+     "0fc0c3b780f244452da3ebf1c5d82cdea2418997200ef82e44ae7e3f",
+     "a44a8266ee1c8eb0c8b5d4cf5ae9f19a"},
+};
+
+// A sealed GCM message whose parts the tamper tests alter one at a time.
+struct gcm_message {
+  bytes iv = hex("cafebabefacedbaddecaf888");
+  bytes aad = hex(spec_aad);
+  bytes data = hex(spec_plaintext_60);
+  bytes tag = bytes(cipher::gcm_tag_size);
+};
+
+}  // namespace
+
+TEST_SUITE("crypto") {
+
+TEST_CASE("AES-256-CTR seals the NIST SP 800-38A F.5.5 vector from its full counter block") {
+  const cipher c(cipher_kind::aes_256_ctr, nist_key);
+  bytes data = nist_plaintext;
+  c.seal(nist_counter, {}, data, {});
+  CHECK(data == nist_ciphertext);
+}
+
+TEST_CASE("AES-256-CTR opens the NIST SP 800-38A F.5.6 vector from its full counter block") {
+  const cipher c(cipher_kind::aes_256_ctr, nist_key);
+  bytes data = nist_ciphertext;
+  c.open(nist_counter, {}, data, {});
+  CHECK(data == nist_plaintext);
+}
+
+TEST_CASE("AES-256-CTR seals any prefix of the NIST plaintext to the same prefix of the ciphertext") {
+  const cipher c(cipher_kind::aes_256_ctr, nist_key);
+  for (std::size_t n = 0; n <= nist_plaintext.size(); ++n) {
+    CAPTURE(n);
+    bytes data(nist_plaintext.begin(), nist_plaintext.begin() + static_cast<long>(n));
+    c.seal(nist_counter, {}, data, {});
+    CHECK(std::equal(data.begin(), data.end(), nist_ciphertext.begin()));
+  }
+}
+
+TEST_CASE("AES-256-GCM seals and opens the specification's test cases 13 to 18") {
+  for (const auto& v : gcm_vectors) {
+    CAPTURE(v.test_case);
+    const cipher c(cipher_kind::aes_256_gcm, hex(v.key));
+    const bytes iv = hex(v.iv), aad = hex(v.aad), plaintext = hex(v.plaintext);
+    bytes data = plaintext, tag(cipher::gcm_tag_size);
+    c.seal(iv, aad, data, tag);
+    CHECK(data == hex(v.ciphertext));
+    CHECK(tag == hex(v.tag));
+    c.open(iv, aad, data, tag);
+    CHECK(data == plaintext);
+  }
+}
+
+TEST_CASE("a GCM open of an altered byte, tag, associated data or nonce throws and changes nothing") {
+  const cipher c(cipher_kind::aes_256_gcm, hex(spec_key));
+  gcm_message sealed;
+  c.seal(sealed.iv, sealed.aad, sealed.data, sealed.tag);
+
+  auto expect_rejected = [&](const gcm_message& m) {
+    bytes data = m.data;
+    CHECK_THROWS_AS(c.open(m.iv, m.aad, data, m.tag), memshuffle::integrity_error);
+    CHECK(data == m.data);
+  };
+  for (std::size_t i = 0; i < sealed.data.size(); ++i) {
+    CAPTURE(i);
+    gcm_message m = sealed;
+    m.data[i] ^= std::byte{0x01};
+    expect_rejected(m);
+  }
+  for (std::size_t i = 0; i < sealed.tag.size(); ++i) {
+    CAPTURE(i);
+    gcm_message m = sealed;
+    m.tag[i] ^= std::byte{0x80};
+    expect_rejected(m);
+  }
+  gcm_message other_aad = sealed;
+  other_aad.aad.back() ^= std::byte{0x01};
+  expect_rejected(other_aad);
+  gcm_message no_aad = sealed;
+  no_aad.aad.clear();
+  expect_rejected(no_aad);
+  gcm_message other_iv = sealed;
+  other_iv.iv[0] ^= std::byte{0x01};
+  expect_rejected(other_iv);
+
+  // The cipher is still usable after rejections.
+  bytes data = sealed.data;
+  c.open(sealed.iv, sealed.aad, data, sealed.tag);
+  CHECK(data == hex(spec_plaintext_60));
+}
+
+TEST_CASE("a key that is not 32 bytes is rejected for every cipher kind") {
+  for (auto kind : {cipher_kind::none, cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+    CAPTURE(static_cast<int>(kind));
+    for (std::size_t n : {0, 16, 24, 31, 33}) {
+      CAPTURE(n);
+      const bytes key(n);
+      CHECK_THROWS_AS(cipher(kind, key), std::invalid_argument);
+    }
+  }
+}
+
+TEST_CASE("arguments that do not fit the cipher are rejected and the data is left alone") {
+  const bytes key(32, std::byte{7});
+  const bytes original = hex(spec_plaintext_60);
+  bytes data = original, tag16(16), tag12(12), aad(4), iv16(16), iv12(12);
+
+  const cipher ctr(cipher_kind::aes_256_ctr, key);
+  CHECK_THROWS_AS(ctr.seal(iv12, {}, data, {}), std::invalid_argument);
+  CHECK_THROWS_AS(ctr.seal(iv16, aad, data, {}), std::invalid_argument);
+  CHECK_THROWS_AS(ctr.seal(iv16, {}, data, tag16), std::invalid_argument);
+  CHECK_THROWS_AS(ctr.open(iv12, {}, data, {}), std::invalid_argument);
+
+  const cipher gcm(cipher_kind::aes_256_gcm, key);
+  CHECK_THROWS_AS(gcm.seal({}, {}, data, tag16), std::invalid_argument);
+  CHECK_THROWS_AS(gcm.seal(iv12, {}, data, tag12), std::invalid_argument);
+  CHECK_THROWS_AS(gcm.open(iv12, {}, data, {}), std::invalid_argument);
+
+  const cipher none(cipher_kind::none, key);
+  CHECK_THROWS_AS(none.seal(iv16, {}, data, tag16), std::invalid_argument);
+  CHECK(data == original);
+}
+
+TEST_CASE("the none cipher leaves data as it is and writes no tag") {
+  const cipher c(cipher_kind::none, bytes(32));
+  CHECK(c.tag_size() == 0);
+  const bytes original = hex(spec_plaintext_60);
+  bytes data = original;
+  c.seal(bytes(16), {}, data, {});
+  CHECK(data == original);
+  c.open(bytes(16), {}, data, {});
+  CHECK(data == original);
+}
+
+TEST_CASE("the CTR counter block is one 128-bit big-endian number that carries across every byte") {
+  // Carrying into the upper 64 bits matters: an increment confined to the low 64 bits
+  // would repeat keystream when the low half wraps. At 2^128 - 1 the counter wraps to 0.
+  const bytes key = hex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
+  const cipher c(cipher_kind::aes_256_ctr, key);
+  const char* starts[] = {
+      "00000000000000000000000000000000", "000000000000000000000000000000fe",
+      "0000000000000000fffffffffffffffe", "0000000000000000ffffffffffffff00",
+      "00000000ffffffffffffffffffffffff", "fffffffffffffffffffffffffffffffd",
+      "f0f1f2f3f4f5f6f7f8f9fafbfcfdfe80",
+  };
+  for (const char* start : starts) {
+    CAPTURE(start);
+    const bytes iv = hex(start);
+    for (std::size_t n : {16, 17, 48, 64, 100, 4096, 4100}) {
+      CAPTURE(n);
+      bytes zeros(n);
+      c.seal(iv, {}, zeros, {});
+      CHECK(zeros == cryptopp_ctr(key, iv, bytes(n)));
+    }
+  }
+
+  // The block after ...00ff ffff ffff ffff ffff uses ...0100 0000 0000 0000 0000, and
+  // the block after all ones uses all zeros: keystream blocks are AES(counter).
+  auto keystream_at = [&](const char* counter) {
+    bytes block(16);
+    c.seal(hex(counter), {}, block, {});
+    return block;
+  };
+  bytes two(32);
+  c.seal(hex("0000000000000000ffffffffffffffff"), {}, two, {});
+  CHECK(bytes(two.begin() + 16, two.end()) == keystream_at("00000000000000010000000000000000"));
+  two.assign(32, std::byte{0});
+  c.seal(hex("ffffffffffffffffffffffffffffffff"), {}, two, {});
+  CHECK(bytes(two.begin() + 16, two.end()) == keystream_at("00000000000000000000000000000000"));
+}
+
+TEST_CASE("AES-256-CTR agrees with Crypto++'s CTR mode on random keys, counters and lengths") {
+  const auto seed = std::random_device{}();
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  for (int round = 0; round < 200; ++round) {
+    const bytes key = random_bytes(rng, 32), iv = random_bytes(rng, 16);
+    const bytes plaintext = random_bytes(rng, rng() % 9000);
+    const cipher c(cipher_kind::aes_256_ctr, key);
+    bytes data = plaintext;
+    c.seal(iv, {}, data, {});
+    REQUIRE(data == cryptopp_ctr(key, iv, plaintext));
+    c.open(iv, {}, data, {});
+    REQUIRE(data == plaintext);
+  }
+}
+
+TEST_CASE("a moved-from cipher refuses to work instead of crashing") {
+  cipher a(cipher_kind::aes_256_ctr, bytes(32));
+  cipher b = std::move(a);
+  bytes data(16);
+  CHECK_THROWS_AS(a.seal(bytes(16), {}, data, {}), std::logic_error);  // NOLINT(bugprone-use-after-move)
+  CHECK_NOTHROW(b.seal(bytes(16), {}, data, {}));
+  CHECK(b.kind() == cipher_kind::aes_256_ctr);
+}
+
+TEST_CASE("os_random fills the whole buffer with fresh bytes each time") {
+  bytes a(64), b(64);
+  memshuffle::os_random(a);
+  memshuffle::os_random(b);
+  CHECK(a != b);                        // equal with probability 2^-512
+  CHECK(a != bytes(64));
+  // The last byte is written too: 16 draws all leaving it zero has probability 2^-128.
+  bool last_written = false;
+  for (int i = 0; i < 16 && !last_written; ++i) {
+    bytes c(33);
+    memshuffle::os_random(c);
+    last_written = c.back() != std::byte{0};
+  }
+  CHECK(last_written);
+}
+
+TEST_CASE("secure_wipe zeroes exactly the bytes it is given") {
+  bytes data(40, std::byte{0xAB});
+  memshuffle::secure_wipe(data.data() + 4, 32);
+  CHECK(std::all_of(data.begin() + 4, data.begin() + 36, [](std::byte b) { return b == std::byte{0}; }));
+  CHECK(data[3] == std::byte{0xAB});
+  CHECK(data[36] == std::byte{0xAB});
+  memshuffle::secure_wipe(nullptr, 0);
+}
+
+}  // TEST_SUITE("crypto")
+
+TEST_SUITE("concurrency") {
+
+TEST_CASE("one cipher seals and opens on several threads at once with the results of one thread") {
+  const auto seed = std::random_device{}();
+  CAPTURE(seed);
+  for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+    CAPTURE(static_cast<int>(kind));
+    std::mt19937_64 rng(seed);
+    const cipher c(kind, random_bytes(rng, 32));
+    struct job {
+      bytes iv, plaintext, expected, tag;
+    };
+    std::vector<job> jobs;
+    for (int i = 0; i < 64; ++i) {
+      job j{random_bytes(rng, 16), random_bytes(rng, 1 + rng() % 5000), {}, bytes(c.tag_size())};
+      j.expected = j.plaintext;
+      c.seal(j.iv, {}, j.expected, j.tag);
+      jobs.push_back(std::move(j));
+    }
+    std::vector<int> failures(4, 0);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t)
+      threads.emplace_back([&, t] {
+        for (int round = 0; round < 50; ++round)
+          for (const auto& j : jobs) {
+            bytes data = j.plaintext, tag(c.tag_size());
+            c.seal(j.iv, {}, data, tag);
+            if (data != j.expected || tag != j.tag) ++failures[static_cast<std::size_t>(t)];
+            c.open(j.iv, {}, data, tag);
+            if (data != j.plaintext) ++failures[static_cast<std::size_t>(t)];
+          }
+      });
+    for (auto& th : threads) th.join();
+    CHECK(failures == std::vector<int>(4, 0));
+  }
+}
+
+}  // TEST_SUITE("concurrency")
