@@ -22,7 +22,7 @@ namespace memshuffle {
 
 struct tracking_options {
   bool wipe_on_deallocate = false;          // zero freed blocks before they go upstream
-  std::optional<std::byte> fill_on_allocate;  // pattern written into every new block
+  std::optional<std::byte> fill_on_allocate{};  // pattern written into every new block
   bool quarantine = false;                  // keep freed blocks until release_quarantine()
   bool thread_safe = true;                  // false: no locking, one thread only
 };
