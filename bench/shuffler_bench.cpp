@@ -1,2 +1,124 @@
+// The shuffler's costs (cipher none, so this is the allocator alone), each beside the
+// baseline it is judged against in the same run: a std pool for alloc+free, memcpy
+// for the bandwidth of a shuffle. The goal table after the run holds the ratios.
+#include "goal_report.hpp"
+
+#include <memshuffle/shuffler.hpp>
+
 #include <benchmark/benchmark.h>
-BENCHMARK_MAIN();
+
+#include <cstddef>
+#include <cstring>
+#include <memory_resource>
+#include <vector>
+
+namespace {
+
+using memshuffle::cipher_kind;
+using memshuffle::handle;
+using memshuffle::shuffler;
+
+constexpr std::size_t frees_per_shuffle = 1024;
+constexpr std::size_t big_heap = 64u << 20, big_entry = 4096;
+constexpr std::size_t many_entries = 1'000'000, small_entry = 64;
+
+memshuffle::shuffler_options plain() { return {.cipher = cipher_kind::none}; }
+
+void BM_rent_return_64B(benchmark::State& state) {
+  shuffler s(plain());
+  handle h = s.alloc<std::byte>(small_entry);
+  for (auto _ : state) {
+    auto lease = s.rent<std::byte>(h);
+    benchmark::DoNotOptimize(lease.get());
+  }
+}
+BENCHMARK(BM_rent_return_64B);
+
+// A freed entry is dropped at the next shuffle, so that shuffle is part of the price
+// of free: one every frees_per_shuffle pairs, timed with them.
+void BM_alloc_free_64B(benchmark::State& state) {
+  shuffler s(plain());
+  std::size_t n = 0;
+  for (auto _ : state) {
+    handle h = s.alloc<std::byte>(small_entry);
+    benchmark::DoNotOptimize(h);
+    s.free(h);
+    if (++n % frees_per_shuffle == 0) s.shuffle();
+  }
+}
+BENCHMARK(BM_alloc_free_64B);
+
+// Baseline: std's thread-safe pool (the shuffler is thread safe too).
+void BM_std_sync_pool_alloc_free_64B(benchmark::State& state) {
+  std::pmr::synchronized_pool_resource pool;
+  for (auto _ : state) {
+    void* p = pool.allocate(small_entry);
+    benchmark::DoNotOptimize(p);
+    pool.deallocate(p, small_entry);
+  }
+}
+BENCHMARK(BM_std_sync_pool_alloc_free_64B);
+
+// Baseline for shuffle bandwidth: one memcpy of the whole heap into memory already
+// touched, the best a move of every byte can do.
+void BM_memcpy_64MiB(benchmark::State& state) {
+  std::vector<std::byte> from(big_heap, std::byte{1}), to(big_heap, std::byte{2});
+  for (auto _ : state) {
+    std::memcpy(to.data(), from.data(), big_heap);
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * big_heap));
+}
+BENCHMARK(BM_memcpy_64MiB)->Unit(benchmark::kMillisecond);
+
+// Fills a shuffler with count entries of bytes each, every one written once.
+void fill(shuffler& s, std::size_t count, std::size_t bytes) {
+  for (std::size_t i = 0; i < count; ++i) {
+    auto lease = s.rent<std::byte>(s.alloc<std::byte>(bytes));
+    std::memset(lease.get(), static_cast<int>(i), bytes);
+  }
+}
+
+void BM_shuffle_64MiB_in_4KiB(benchmark::State& state) {
+  shuffler s(plain());
+  fill(s, big_heap / big_entry, big_entry);
+  for (auto _ : state) s.shuffle();
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * big_heap));
+}
+BENCHMARK(BM_shuffle_64MiB_in_4KiB)->Unit(benchmark::kMillisecond);
+
+void BM_shuffle_1M_64B(benchmark::State& state) {
+  shuffler s(plain());
+  fill(s, many_entries, small_entry);
+  for (auto _ : state) s.shuffle();
+  state.counters["ns_per_entry"] = benchmark::Counter(
+      double(many_entries), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+BENCHMARK(BM_shuffle_1M_64B)->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace memshuffle::bench;
+  goal_reporter reporter(goal_reporter::options_from(argc, argv));
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  std::fflush(stderr);
+
+  auto bandwidth = [&](const char* name) { return reporter.counter(name, "bytes_per_second"); };
+  auto per_entry = [&](const char* name) {
+    auto t = reporter.ns(name);
+    return t ? std::optional<double>(*t / double(many_entries)) : std::nullopt;
+  };
+  std::printf("\ngoals (cipher none; same run):\n");
+  print_goal("rent+return, 64 B entry", reporter.ns("BM_rent_return_64B"), "ns", goal{40, true});
+  print_goal("alloc+free, 64 B entry", reporter.ns("BM_alloc_free_64B"), "ns", goal{60, true});
+  print_goal("alloc+free / std synchronized_pool_resource",
+             ratio(reporter.ns("BM_alloc_free_64B"), reporter.ns("BM_std_sync_pool_alloc_free_64B")),
+             "x");
+  print_goal("shuffle 64 MiB of 4 KiB / memcpy bandwidth",
+             ratio(bandwidth("BM_shuffle_64MiB_in_4KiB"), bandwidth("BM_memcpy_64MiB")), "x", goal{0.5, false});
+  print_goal("shuffle of 1M 64 B entries, per entry", per_entry("BM_shuffle_1M_64B"), "ns", goal{30, true});
+  benchmark::Shutdown();
+}
