@@ -1,0 +1,70 @@
+#pragma once
+// Memory for secrets: every allocation gets its own pages from mmap, locked in RAM so
+// it is never swapped, left out of core dumps, optionally fenced by inaccessible guard
+// pages, and wiped before it is unmapped. Page granular, so meant for few, small,
+// long-lived blocks (keys, plaintext windows), not as a general-purpose heap.
+#include <cstddef>
+#include <map>
+#include <memory_resource>
+#include <mutex>
+
+namespace memshuffle {
+
+struct secure_page_options {
+  bool lock = true;         // mlock the pages; a refusal is counted, not an error
+  bool dont_dump = true;    // MADV_DONTDUMP: leave the pages out of core dumps
+  // One PROT_NONE page before and after each allocation. The block is placed so that
+  // its end abuts the trailing guard page (as libsodium's sodium_malloc does): one
+  // byte past the end faults when the size is a multiple of the alignment (always
+  // for alignment 1). The leading guard catches underflow past the start of the page.
+  bool guard_pages = true;
+};
+
+struct secure_page_stats {
+  std::size_t bytes_mapped = 0;       // now, guard pages included
+  std::size_t bytes_locked = 0;       // now
+  std::size_t lock_failures = 0;      // allocations whose pages mlock refused, ever
+  std::size_t allocations = 0;        // live now
+  std::size_t total_allocations = 0;  // ever
+};
+
+class secure_page_resource : public std::pmr::memory_resource {
+ public:
+  secure_page_resource() : secure_page_resource(secure_page_options{}) {}
+  explicit secure_page_resource(secure_page_options options);
+  // Wipes and unmaps whatever is still allocated.
+  ~secure_page_resource() override;
+  secure_page_resource(const secure_page_resource&) = delete;
+  secure_page_resource& operator=(const secure_page_resource&) = delete;
+
+  const secure_page_options& options() const noexcept { return options_; }
+  secure_page_stats stats() const;
+  // True when every live allocation is locked in RAM (and locking is on): false once
+  // mlock was refused for one of them, e.g. under a small RLIMIT_MEMLOCK.
+  bool locked() const;
+  static std::size_t page_size() noexcept;
+
+ protected:
+  // Alignment must be a power of two no larger than page_size() (std::invalid_argument
+  // otherwise); mmap failing gives std::bad_alloc.
+  void* do_allocate(std::size_t bytes, std::size_t alignment) override;
+  // Pointers this resource did not hand out are ignored.
+  void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override;
+  bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override;
+
+ private:
+  struct region {
+    void* base;            // start of the mapping (the leading guard page, if any)
+    std::size_t mapped;    // length of the mapping
+    std::size_t usable;    // length of the readable pages
+    bool locked;
+  };
+  static void release(const region& r) noexcept;
+
+  secure_page_options options_;
+  mutable std::mutex m_;
+  std::map<void*, region> regions_;   // by the pointer handed out
+  secure_page_stats stats_;
+};
+
+}  // namespace memshuffle
