@@ -158,7 +158,8 @@ TEST_CASE("writing one byte before the start of a guarded block dies of SIGSEGV"
   CHECK(exited_with(control, 0));
 }
 
-TEST_CASE("when mlock is refused by RLIMIT_MEMLOCK the memory still works and says it is not locked") {
+TEST_CASE("when mlock is refused by RLIMIT_MEMLOCK the memory still works and says it is not locked" *
+          doctest::skip(!mlock_is_real)) {
   const int status = run_in_child([] {
     if (!limit_memlock(0)) return false;
     secure_page_resource r;
@@ -174,7 +175,8 @@ TEST_CASE("when mlock is refused by RLIMIT_MEMLOCK the memory still works and sa
   CHECK(exited_with(status, 0));
 }
 
-TEST_CASE("mlock is granted up to the RLIMIT_MEMLOCK budget and refused past it") {
+TEST_CASE("mlock is granted up to the RLIMIT_MEMLOCK budget and refused past it" *
+          doctest::skip(!mlock_is_real)) {
   const int status = run_in_child([] {
     if (!limit_memlock(64 * 1024)) return false;
     secure_page_resource r;

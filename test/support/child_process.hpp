@@ -14,6 +14,20 @@
 
 namespace memshuffle::testing {
 
+// The address sanitizer replaces mlock with a no-op that reports success, so tests of
+// refused locking cannot run under it.
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr bool mlock_is_real = false;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+inline constexpr bool mlock_is_real = false;
+#else
+inline constexpr bool mlock_is_real = true;
+#endif
+#else
+inline constexpr bool mlock_is_real = true;
+#endif
+
 // Runs fn in a child and returns its wait status. The child exits 0 when fn returns
 // true, 1 when it returns false, 2 when it throws; it never returns into the test.
 template <class F>
