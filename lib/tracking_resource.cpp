@@ -62,6 +62,7 @@ class live_table {
     std::vector<allocation_record> old(std::max<std::size_t>(64, slots_.size() * 2));
     old.swap(slots_);
     mask_ = slots_.size() - 1;
+    shift_ = 64 - std::countr_zero(slots_.size());
     for (auto& r : old)
       if (r.pointer) place(r);
   }
@@ -100,8 +101,9 @@ class live_table {
  private:
   std::size_t home(const void* p) const noexcept {
     auto x = static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p));
-    x *= 0x9E3779B97F4A7C15ull;  // Fibonacci hashing: spreads aligned addresses
-    return static_cast<std::size_t>(x >> 32) & mask_;
+    // Fibonacci hashing: the top bits of the product spread evenly spaced addresses
+    // (a heap's blocks) evenly; lower bits of it cluster badly under linear probing.
+    return static_cast<std::size_t>((x * 0x9E3779B97F4A7C15ull) >> shift_);
   }
   void place(const allocation_record& r) noexcept {
     std::size_t i = home(r.pointer);
@@ -111,6 +113,7 @@ class live_table {
 
   std::vector<allocation_record> slots_;
   std::size_t mask_ = 0;
+  int shift_ = 64;
   std::size_t size_ = 0;
 };
 
