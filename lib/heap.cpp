@@ -1,0 +1,212 @@
+#include "heap.hpp"
+
+#include <algorithm>
+#include <new>
+
+#include <memshuffle/cipher.hpp>
+
+namespace memshuffle::detail {
+
+// One arena: its arena_resource draws exactly one chunk through this adaptor, which
+// refuses any further chunk (the heap then opens another arena), indexes the chunk so
+// an entry's arena can be found from its address, and wipes it before giving it back.
+class heap::arena final : public std::pmr::memory_resource {
+ public:
+  arena(heap& owner, std::size_t capacity, std::uint64_t serial)
+      : owner_(owner),
+        serial(serial),
+        pos(owner.arenas_.size()),
+        res(arena_options{.initial_size = capacity, .growth_factor = 1, .max_chunk_size = capacity},
+            this) {}
+  ~arena() override { res.release(); }
+
+  heap& owner_;
+  std::uint64_t serial;
+  std::size_t pos;           // index in owner.arenas_
+  std::size_t entries = 0;   // entries whose bytes lie here
+  bool refused = false;      // the last allocation failed because the arena is full
+  bool has_chunk = false;
+  arena_resource res;
+
+ protected:
+  void* do_allocate(std::size_t bytes, std::size_t alignment) override {
+    if (has_chunk) {
+      refused = true;
+      throw std::bad_alloc();
+    }
+    auto& chunks = owner_.chunks_;
+    if (chunks.size() == chunks.capacity()) chunks.reserve(chunks.size() * 2 + 8);
+    void* p = owner_.upstream_->allocate(bytes, alignment);
+    const auto b = reinterpret_cast<std::uintptr_t>(p);
+    const chunk_ref ref{b, b + bytes, this};
+    chunks.insert(std::upper_bound(chunks.begin(), chunks.end(), ref,
+                                   [](const chunk_ref& x, const chunk_ref& y) { return x.begin < y.begin; }),
+                  ref);
+    has_chunk = true;
+    owner_.reserved_ += bytes;
+    return p;
+  }
+
+  void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override {
+    unpoison(p, bytes);
+    secure_wipe(p, bytes);
+    auto& chunks = owner_.chunks_;
+    const auto b = reinterpret_cast<std::uintptr_t>(p);
+    chunks.erase(std::find_if(chunks.begin(), chunks.end(), [&](const chunk_ref& c) { return c.begin == b; }));
+    has_chunk = false;
+    owner_.reserved_ -= bytes;
+    owner_.upstream_->deallocate(p, bytes, alignment);
+  }
+
+  bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override {
+    return this == &other;
+  }
+};
+
+heap::heap(std::pmr::memory_resource* upstream, std::size_t arena_size)
+    : upstream_(upstream), arena_size_(arena_size) {}
+
+heap::~heap() {
+  current_ = nullptr;
+  arenas_.clear();  // each arena gives its chunk back, wiped
+}
+
+heap::arena& heap::open_arena(std::size_t capacity) {
+  if (arenas_.size() == arenas_.capacity()) arenas_.reserve(arenas_.size() * 2 + 8);
+  arenas_.push_back(std::make_unique<arena>(*this, capacity, next_serial_));
+  ++next_serial_;
+  return *arenas_.back();
+}
+
+void* heap::try_place(arena& a, const request& r) {
+  a.refused = false;
+  try {
+    return a.res.allocate(r.bytes, r.alignment);
+  } catch (const std::bad_alloc&) {
+    if (a.refused) return nullptr;  // full; the arena is as before
+    throw;                          // the upstream failed
+  }
+}
+
+void heap::place_all(std::span<const request> in, std::span<std::byte*> out, bool fresh) {
+  arena* const before = current_;
+  const std::size_t arenas_before = arenas_.size();
+  const arena_marker mark = before != nullptr ? before->res.mark() : arena_marker{};
+  std::size_t placed_before = 0;  // placed in the arena that was being filled
+  if (fresh) current_ = nullptr;
+  try {
+    for (std::size_t i = 0; i < in.size(); ++i) {
+      const request& r = in[i];
+      void* p = nullptr;
+      if (r.bytes > arena_size_) {
+        // Larger than an arena: an arena of its own, which nothing else fills.
+        arena& own = open_arena(r.bytes);
+        p = try_place(own, r);
+        if (p == nullptr) throw std::bad_alloc();
+        ++own.entries;
+      } else {
+        if (current_ != nullptr) p = try_place(*current_, r);
+        if (p == nullptr) {
+          current_ = &open_arena(arena_size_);
+          p = try_place(*current_, r);
+          if (p == nullptr) throw std::bad_alloc();
+        }
+        ++current_->entries;
+        if (current_ == before) ++placed_before;
+      }
+      unpoison(p, r.bytes);
+      out[i] = static_cast<std::byte*>(p);
+    }
+  } catch (...) {
+    while (arenas_.size() > arenas_before) {
+      if (current_ == arenas_.back().get()) current_ = nullptr;
+      arenas_.pop_back();
+    }
+    if (before != nullptr) {
+      before->res.rewind(mark);
+      before->entries -= placed_before;
+    }
+    current_ = before;
+    throw;
+  }
+  // An arena no longer filled and left empty goes back now.
+  if (before != nullptr && before != current_ && before->entries == 0) release(*before);
+}
+
+std::byte* heap::place(std::size_t bytes, std::size_t alignment) {
+  const request r{bytes, alignment};
+  std::byte* p = nullptr;
+  place_all({&r, 1}, {&p, 1}, false);
+  return p;
+}
+
+heap::arena* heap::arena_of(const void* p) const noexcept {
+  const auto at = reinterpret_cast<std::uintptr_t>(p);
+  auto it = std::upper_bound(chunks_.begin(), chunks_.end(), at,
+                             [](std::uintptr_t x, const chunk_ref& c) { return x < c.begin; });
+  if (it == chunks_.begin()) return nullptr;
+  --it;
+  return at < it->end ? it->owner : nullptr;
+}
+
+std::uint64_t heap::serial_of(const std::byte* p) const noexcept {
+  const arena* a = arena_of(p);
+  return a != nullptr ? a->serial : next_serial_;
+}
+
+void heap::release(arena& a) noexcept {
+  if (&a == current_) current_ = nullptr;
+  const std::size_t pos = a.pos;
+  if (pos + 1 != arenas_.size()) {
+    std::swap(arenas_[pos], arenas_.back());
+    arenas_[pos]->pos = pos;
+  }
+  arenas_.pop_back();  // destroys a: its chunk is wiped and given back
+  ++released_;
+}
+
+void heap::vacate(std::byte* p, std::size_t bytes) noexcept {
+  secure_wipe(p, bytes);
+  poison(p, bytes);
+  arena* a = arena_of(p);
+  if (a == nullptr || --a->entries != 0) return;
+  if (a == current_) {
+    // Empty but being filled: start it over (placement unpoisons what it hands out).
+    a->res.reset();
+  } else {
+    release(*a);
+  }
+}
+
+void heap::release_empty_older(std::uint64_t serial) noexcept {
+  for (std::size_t i = arenas_.size(); i-- > 0;) {
+    arena& a = *arenas_[i];
+    if (a.serial < serial && a.entries == 0 && &a != current_) release(a);
+  }
+}
+
+void heap::retire_older(std::uint64_t serial, std::span<std::byte* const> stay,
+                        std::span<const region> left) noexcept {
+  for (auto& a : arenas_)
+    if (a->serial < serial) a->entries = 0;
+  bool kept = false;
+  for (std::byte* p : stay) {
+    arena* a = arena_of(p);
+    if (a != nullptr && a->serial < serial) {
+      ++a->entries;
+      kept = true;
+    }
+  }
+  if (kept) {
+    for (const region& r : left) {
+      const arena* a = arena_of(r.p);
+      if (a != nullptr && a->serial < serial && a->entries != 0) {
+        secure_wipe(r.p, r.bytes);
+        poison(r.p, r.bytes);
+      }
+    }
+  }
+  release_empty_older(serial);
+}
+
+}  // namespace memshuffle::detail

@@ -1,0 +1,93 @@
+#pragma once
+// The handle table: one 32-byte slot per entry, found by the index inside a handle and
+// checked against the generation and the shuffler's tag also inside it. Slots of freed
+// entries are reused with a higher generation, so an old handle never names the new
+// entry; a slot whose generation is used up is retired instead of reused.
+// Not synchronized: the shuffler calls it under its lock.
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include <memshuffle/handle.hpp>
+
+namespace memshuffle::detail {
+
+enum class entry_state : std::uint8_t {
+  unused,   // on the free list (or retired)
+  at_rest,  // ciphertext in its arena, no lease
+  opening,  // first lease being decrypted, outside the lock
+  open,     // plaintext, pins > 0
+  sealing,  // last lease ended, being encrypted outside the lock
+  doomed,   // freed; bytes dropped at the next shuffle
+};
+
+inline constexpr std::uint16_t no_key = 0xFFFF;
+
+struct entry {
+  std::byte* data = nullptr;  // the entry's bytes in an arena (plus the tag, under GCM)
+  // at_rest: the counter value of its last encryption; open with a plaintext window:
+  // the window's address; unused: the next free slot.
+  std::uint64_t aux = 0;
+  std::uint64_t size : 40 = 0;
+  std::uint64_t align_log2 : 6 = 0;
+  std::uint64_t state : 3 = 0;
+  std::uint64_t written : 1 = 0;           // 0: reads as zeros, nothing to decrypt
+  std::uint64_t free_on_return : 1 = 0;    // sealed<T> ended while rented
+  std::uint32_t generation = 0;
+  std::uint16_t pins = 0;
+  std::uint16_t key = no_key;  // the key slot its ciphertext is under
+
+  entry_state st() const noexcept { return static_cast<entry_state>(state); }
+  void set(entry_state s) noexcept { state = static_cast<std::uint8_t>(s); }
+  std::size_t alignment() const noexcept { return std::size_t{1} << align_log2; }
+  bool live() const noexcept {
+    const auto s = st();
+    return s != entry_state::unused && s != entry_state::doomed;
+  }
+};
+static_assert(sizeof(entry) == 32, "a table slot is 32 bytes");
+
+class handle_table {
+ public:
+  static constexpr unsigned index_bits = 28;
+  static constexpr unsigned generation_bits = 20;
+  static constexpr std::uint32_t max_index = (1u << index_bits) - 1;
+  static constexpr std::uint32_t max_generation = (1u << generation_bits) - 1;
+  static constexpr std::size_t max_entry_size = (std::uint64_t{1} << 40) - 1;
+
+  // tag: nonzero, 16 bits; it keeps every handle apart from invalid_handle too.
+  explicit handle_table(std::uint16_t tag);
+
+  // Makes room so that the next acquire() cannot throw (std::bad_alloc otherwise,
+  // with the table unchanged).
+  void reserve_one();
+  // A slot for a new entry, state unused and everything else zero.
+  std::uint32_t acquire() noexcept;
+  // The entry in slot i is freed: its handles are invalid from now on.
+  void invalidate(std::uint32_t i) noexcept;
+  // Slot i (already invalidated) can be reused.
+  void recycle(std::uint32_t i) noexcept;
+
+  // The slot h names, if h is from this table, in range and of the current generation;
+  // nullptr otherwise. Unused and doomed slots never match (their generation moved on).
+  entry* find(handle h) noexcept;
+  const entry* find(handle h) const noexcept;
+  std::uint32_t index_of(handle h) const noexcept {
+    return static_cast<std::uint32_t>(static_cast<std::uint64_t>(h) & max_index);
+  }
+  handle handle_of(std::uint32_t i) const noexcept;
+
+  entry& operator[](std::uint32_t i) noexcept { return slots_[i]; }
+  const entry& operator[](std::uint32_t i) const noexcept { return slots_[i]; }
+  std::uint32_t slots() const noexcept { return static_cast<std::uint32_t>(slots_.size()); }
+  std::size_t metadata_bytes() const noexcept { return slots_.size() * sizeof(entry); }
+
+ private:
+  static constexpr std::uint32_t none = 0xFFFF'FFFF;
+
+  std::vector<entry> slots_;
+  std::uint32_t free_head_ = none;
+  std::uint16_t tag_;
+};
+
+}  // namespace memshuffle::detail
