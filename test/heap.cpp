@@ -1,1 +1,187 @@
+// The heap alone: arenas over an instrumented upstream, placement, vacating, retiring.
 #include <doctest/doctest.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <vector>
+
+#include "lib/heap.hpp"
+#include "test/support/recording_resource.hpp"
+
+using memshuffle::detail::heap;
+using memshuffle::detail::region;
+using memshuffle::detail::request;
+using memshuffle::testing::recording_resource;
+
+namespace {
+
+constexpr std::size_t arena_size = 4096;
+
+bool aligned(const void* p, std::size_t a) { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
+
+// A recognisable marker the tests look for in upstream memory.
+constexpr std::array<std::byte, 8> marker{std::byte{0xC0}, std::byte{0xFF}, std::byte{0xEE}, std::byte{0x15},
+                                          std::byte{0x60}, std::byte{0x0D}, std::byte{0xBE}, std::byte{0xEF}};
+
+}  // namespace
+
+TEST_SUITE("shuffler") {
+
+TEST_CASE("placements keep every power-of-two alignment from 1 to 8192") {
+  recording_resource up;
+  {
+    heap h(&up, arena_size);
+    for (std::size_t a = 1; a <= 8192; a *= 2) {
+      for (int k = 0; k < 3; ++k) {
+        std::byte* p = h.place(24, a);
+        CAPTURE(a);
+        CHECK(aligned(p, a));
+      }
+    }
+  }
+  CHECK(up.outstanding() == 0);
+  CHECK(up.mismatches() == 0);
+}
+
+TEST_CASE("each arena is one chunk from the upstream and a full arena makes way for a new one") {
+  recording_resource up;
+  heap h(&up, arena_size);
+  std::vector<std::byte*> ps;
+  for (int i = 0; i < 200; ++i) ps.push_back(h.place(64, 8));  // 12800 bytes: several arenas
+  CHECK(h.arenas() >= 4);
+  CHECK(up.outstanding() == h.arenas());
+  CHECK(h.reserved_bytes() == up.outstanding_bytes());
+  std::sort(ps.begin(), ps.end());
+  for (std::size_t i = 1; i < ps.size(); ++i) CHECK(ps[i] - ps[i - 1] >= 64);  // no overlap
+}
+
+TEST_CASE("an entry larger than an arena gets an arena of its own") {
+  recording_resource up;
+  heap h(&up, arena_size);
+  h.place(16, 8);
+  std::byte* big = h.place(3 * arena_size, 64);
+  CHECK(aligned(big, 64));
+  CHECK(h.arenas() == 2);
+  std::memset(big, 1, 3 * arena_size);  // all of it is usable
+  h.place(16, 8);
+  CHECK(h.arenas() == 2);  // small entries still go to the arena being filled
+}
+
+TEST_CASE("vacating the last entry of an arena gives the arena back, wiped") {
+  recording_resource up;
+  up.keep_freed(true);
+  heap h(&up, arena_size);
+  std::byte* a = h.place(64, 8);
+  std::memcpy(a, marker.data(), marker.size());
+  std::vector<std::byte*> fill;
+  while (h.arenas() == 1) fill.push_back(h.place(64, 8));  // the first arena is now full
+  REQUIRE(h.arenas() == 2);
+  h.vacate(a, 64);
+  CHECK_FALSE(up.contains(marker));  // wiped in place at once
+  for (std::byte* p : fill)
+    if (h.serial_of(p) == h.serial_of(fill.front())) h.vacate(p, 64);
+  CHECK(h.arenas() == 1);
+  CHECK(h.arenas_released() == 1);
+  CHECK(up.deallocations() == 1);
+  CHECK(h.reserved_bytes() == up.outstanding_bytes());
+}
+
+TEST_CASE("an emptied arena that is still being filled is rewound, not given back") {
+  recording_resource up;
+  heap h(&up, arena_size);
+  std::byte* a = h.place(64, 8);
+  h.vacate(a, 64);
+  CHECK(h.arenas() == 1);
+  std::byte* b = h.place(64, 8);
+  CHECK(b == a);  // the same bytes again
+  CHECK(up.allocations() == 1);
+}
+
+TEST_CASE("place_all is all or nothing when the upstream fails") {
+  recording_resource up;
+  heap h(&up, arena_size);
+  h.place(64, 8);
+  const std::size_t reserved = h.reserved_bytes();
+  std::vector<request> reqs(100, request{256, 16});  // needs several new arenas
+  std::vector<std::byte*> out(reqs.size());
+  for (std::size_t fail = 0;; ++fail) {
+    up.fail_after(fail);
+    try {
+      h.place_all(reqs, out, true);
+      up.fail_never();
+      break;
+    } catch (const std::bad_alloc&) {
+      CAPTURE(fail);
+      CHECK(h.arenas() == 1);
+      CHECK(h.reserved_bytes() == reserved);
+      CHECK(up.outstanding() == 1);
+    }
+  }
+  CHECK(h.arenas() > 1);
+  CHECK(up.mismatches() == 0);
+}
+
+TEST_CASE("a failed placement in the arena being filled rewinds it") {
+  recording_resource up;
+  heap h(&up, arena_size);
+  std::byte* first = h.place(64, 8);
+  std::vector<request> reqs(40, request{128, 8});  // more than the first arena's room
+  std::vector<std::byte*> out(reqs.size());
+  up.fail_after(0);
+  CHECK_THROWS_AS(h.place_all(reqs, out, false), std::bad_alloc);
+  std::byte* next = h.place(64, 8);
+  CHECK(next == first + 64);  // what the failed call took from the arena is back
+}
+
+TEST_CASE("retire_older keeps the arenas of entries that stay and gives back the rest") {
+  recording_resource up;
+  up.keep_freed(true);
+  heap h(&up, arena_size);
+  std::vector<std::byte*> old;
+  while (h.arenas() < 3) old.push_back(h.place(64, 8));
+  std::byte* pinned = old.front();
+  std::byte* moved_neighbour = old[1];
+  std::memcpy(moved_neighbour, marker.data(), marker.size());
+  const auto serial = h.next_serial();
+  std::vector<request> reqs(old.size() - 1, request{64, 8});
+  std::vector<std::byte*> dest(reqs.size());
+  h.place_all(reqs, dest, true);
+  std::vector<region> left;
+  for (std::size_t i = 1; i < old.size(); ++i) left.push_back({old[i], 64});
+  std::byte* stay[] = {pinned};
+  h.retire_older(serial, stay, left);
+  CHECK(h.serial_of(pinned) < serial);           // its arena is still there
+  CHECK(h.arenas_released() == 2);              // the two others went back
+  CHECK_FALSE(up.contains(marker));             // the moved-from neighbour was wiped in place
+  // The kept arena counts the one entry left: vacating it gives the arena back.
+  h.vacate(pinned, 64);
+  CHECK(h.arenas_released() == 3);
+}
+
+#ifdef MEMSHUFFLE_ASAN
+TEST_CASE("vacated bytes are poisoned under the address sanitizer") {
+  recording_resource up;
+  heap h(&up, arena_size);
+  std::byte* a = h.place(64, 8);
+  h.place(64, 8);  // keeps the arena alive
+  CHECK_FALSE(__asan_address_is_poisoned(a));
+  h.vacate(a, 64);
+  CHECK(__asan_address_is_poisoned(a));
+  CHECK(__asan_address_is_poisoned(a + 63));
+}
+#endif
+
+TEST_CASE("nothing is left upstream after the heap ends, and every chunk was wiped") {
+  recording_resource up;
+  up.keep_freed(true);
+  {
+    heap h(&up, arena_size);
+    for (int i = 0; i < 100; ++i) std::memcpy(h.place(64, 8), marker.data(), marker.size());
+  }
+  CHECK(up.outstanding() == 0);
+  CHECK(up.mismatches() == 0);
+  CHECK_FALSE(up.contains(marker));
+}
+
+}  // TEST_SUITE
