@@ -1,1 +1,324 @@
+// Fault injection: every shuffler operation that can need memory is run with the N-th
+// allocation failing, for N = 0, 1, 2, ... until it runs without a failure. Two
+// sources fail in turn: the upstream resource (arenas, plaintext windows), and the
+// global operator new (the handle table, key slots, shuffle bookkeeping). After each
+// failure the shuffler must be exactly as before (values, handle validity, the stats
+// of live entries, memory held), or - for the calls that never throw - have done the
+// documented fallback, and nothing may leak.
 #include <doctest/doctest.h>
+
+#include <memshuffle/shuffler.hpp>
+#include <memshuffle/tracking_resource.hpp>
+
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <functional>
+#include <cstring>
+#include <map>
+#include <new>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "test/support/recording_resource.hpp"
+
+// --- the global operator new, made to fail on demand -----------------------------------
+
+namespace {
+
+std::atomic<long> new_countdown{-1};  // -1: never fail
+std::atomic<long> new_failures{0};
+
+void* checked_malloc(std::size_t n, std::size_t alignment) {
+  if (new_countdown.load(std::memory_order_relaxed) >= 0 &&
+      new_countdown.fetch_sub(1, std::memory_order_relaxed) == 0) {
+    new_countdown.store(-1);
+    ++new_failures;
+    throw std::bad_alloc();
+  }
+  if (n == 0) n = 1;
+  void* p = alignment <= alignof(std::max_align_t)
+                ? std::malloc(n)
+                : std::aligned_alloc(alignment, (n + alignment - 1) / alignment * alignment);
+  if (p == nullptr) throw std::bad_alloc();
+  return p;
+}
+
+}  // namespace
+
+void* operator new(std::size_t n) { return checked_malloc(n, 0); }
+void* operator new[](std::size_t n) { return checked_malloc(n, 0); }
+void* operator new(std::size_t n, std::align_val_t a) {
+  return checked_malloc(n, static_cast<std::size_t>(a));
+}
+void* operator new[](std::size_t n, std::align_val_t a) {
+  return checked_malloc(n, static_cast<std::size_t>(a));
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+
+namespace {
+
+using namespace memshuffle;
+using memshuffle::testing::recording_resource;
+
+// Where a failure is injected: the shuffler's upstream, or operator new.
+enum class source { upstream, heap };
+
+const char* name(source s) { return s == source::upstream ? "upstream" : "operator new"; }
+const char* name(cipher_kind c) {
+  return c == cipher_kind::none ? "none" : c == cipher_kind::aes_256_ctr ? "aes_256_ctr" : "aes_256_gcm";
+}
+
+struct state {
+  std::map<handle, std::vector<std::byte>> values;
+  std::vector<bool> valid;  // of every handle ever made, in order
+  std::size_t live_entries, live_bytes, pinned_entries, pending_free, reserved_bytes, arenas;
+  std::size_t upstream_bytes, upstream_allocations;
+  bool operator==(const state&) const = default;
+};
+
+// A shuffler with a few entries of several sizes and alignments (one larger than an
+// arena), some freed and not yet dropped, one rented for the whole test; the model of
+// what every entry holds; and the resources that inject failures and check for leaks.
+struct fixture {
+  recording_resource recording;        // fails on demand
+  tracking_resource upstream{&recording};  // the shuffler's upstream: counts, finds leaks
+  tracking_resource window{&recording};    // plaintext windows, when used
+  std::optional<shuffler> s;
+  std::map<handle, std::vector<std::byte>> model;
+  std::vector<handle> all;  // every handle made, freed ones too
+  std::optional<lease<std::uint64_t>> pinned;
+  std::byte next{1};
+
+  explicit fixture(cipher_kind cipher, bool windows = false, bool on_return = false) {
+    s.emplace(shuffler_options{.cipher = cipher,
+                               .shuffle_on_borrow_return = on_return,
+                               .arena_size = 1024,
+                               .plaintext_resource = windows ? &window : nullptr},
+              &upstream);
+    for (std::size_t n : {8u, 24u, 200u, 2000u}) add(s->alloc<std::uint64_t>(n / 8));
+    add(s->create<std::uint32_t>());
+    struct alignas(256) wide { std::byte b[256]; };
+    add(s->create<wide>());
+    for (int i = 0; i < 3; ++i) add(s->alloc<std::byte>(48));
+    // Two freed entries wait for the next shuffle.
+    for (int i = 0; i < 2; ++i) {
+      const handle h = all[all.size() - 1 - static_cast<std::size_t>(i)];
+      s->free(h);
+      model.erase(h);
+    }
+    pinned.emplace(s->rent<std::uint64_t>(all[0]));
+  }
+
+  ~fixture() {
+    pinned.reset();
+    s.reset();
+    CHECK_FALSE(upstream.has_leaks());
+    CHECK_FALSE(window.has_leaks());
+    CHECK(upstream.stats().bad_deallocations == 0);
+    CHECK(recording.mismatches() == 0);
+  }
+
+  // A new entry, written with a pattern unlike every other entry's.
+  void add(handle h) {
+    std::vector<std::byte> v(s->size_of(h));
+    for (auto& b : v) b = next = std::byte{static_cast<unsigned char>(std::to_integer<int>(next) * 5 + 3)};
+    s->write(h, v);
+    model[h] = v;
+    all.push_back(h);
+  }
+
+  // Everything a caller can observe, read without changing anything the comparison
+  // looks at (a read with shuffle-on-return on would move the entry).
+  state observe() {
+    state st{};
+    const auto stats = s->stats();
+    st.live_entries = stats.live_entries;
+    st.live_bytes = stats.live_bytes;
+    st.pinned_entries = stats.pinned_entries;
+    st.pending_free = stats.pending_free_entries;
+    st.reserved_bytes = stats.reserved_bytes;
+    st.arenas = stats.arenas;
+    st.upstream_bytes = upstream.stats().current_bytes;
+    st.upstream_allocations = upstream.stats().current_allocations;
+    s->set_shuffle_on_borrow_return(false);
+    for (handle h : all) {
+      st.valid.push_back(s->valid(h));
+      if (!s->valid(h)) continue;
+      std::vector<std::byte> v(s->size_of(h));
+      s->read(h, v);
+      st.values[h] = std::move(v);
+    }
+    return st;
+  }
+
+  void restore_policy(bool on_return) { s->set_shuffle_on_borrow_return(on_return); }
+
+  // The values the model expects, as observe() reports them.
+  void check_values(const state& st) const {
+    CHECK(st.values == model);
+    CHECK(st.live_entries == model.size());
+    // Nothing held upstream but the arenas (and no window outlives its lease but the
+    // pinned entry's).
+    CHECK(st.upstream_bytes == st.reserved_bytes);
+  }
+};
+
+void arm(fixture& f, source src, long n) {
+  if (src == source::upstream) f.recording.fail_after(static_cast<std::size_t>(n));
+  else new_countdown.store(n);
+}
+// Disarms, and tells whether a failure was injected since `before`.
+bool disarm(fixture& f, source src, std::size_t before) {
+  f.recording.fail_never();
+  new_countdown.store(-1);
+  return src == source::upstream ? f.recording.failures_injected() != before
+                                 : static_cast<std::size_t>(new_failures.load()) != before;
+}
+std::size_t injected(fixture& f, source src) {
+  return src == source::upstream ? f.recording.failures_injected()
+                                 : static_cast<std::size_t>(new_failures.load());
+}
+
+// Runs op with the N-th allocation from src failing, for N = 0, 1, ... until op runs
+// with no failure injected. An op that throws std::bad_alloc must leave the fixture's
+// state exactly as before; one that completes despite a failure must satisfy
+// `completed` (and so must the final, failure-free run). Returns how many runs failed.
+int fail_each_allocation(fixture& f, source src, bool on_return,
+                         const std::function<void()>& op,
+                         const std::function<void()>& completed) {
+  int failures = 0;
+  for (long n = 0;; ++n) {
+    CAPTURE(n);
+    const state before = f.observe();
+    f.restore_policy(on_return);
+    const std::size_t count = injected(f, src);
+    bool threw = false;
+    arm(f, src, n);
+    try {
+      op();
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    const bool failed = disarm(f, src, count);
+    if (threw) {
+      REQUIRE(failed);  // a bad_alloc we did not inject would be a real failure
+      ++failures;
+      const state after = f.observe();
+      f.restore_policy(on_return);
+      CHECK(after == before);
+      continue;
+    }
+    completed();
+    f.check_values(f.observe());
+    f.restore_policy(on_return);
+    if (!failed) return failures;
+    ++failures;
+  }
+}
+
+constexpr cipher_kind ciphers[] = {cipher_kind::none, cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm};
+constexpr source sources[] = {source::upstream, source::heap};
+
+// Runs body(cipher, source) for every cipher and failure source, with both captured.
+void for_each_setup(const std::function<void(cipher_kind, source)>& body) {
+  for (cipher_kind c : ciphers)
+    for (source src : sources) {
+      INFO("cipher ", std::string(name(c)), ", failing ", std::string(name(src)));
+      body(c, src);
+    }
+}
+
+}  // namespace
+
+TEST_SUITE("shuffler") {
+
+TEST_CASE("a failed alloc or create leaves the shuffler exactly as it was") {
+  for_each_setup([](cipher_kind c, source src) {
+    fixture f(c);
+    handle made = invalid_handle;
+    auto done = [&] {
+      REQUIRE(made != invalid_handle);
+      f.model[made] = std::vector<std::byte>(f.s->size_of(made));  // reads as zeros
+      f.all.push_back(made);
+    };
+    // Larger than what is left in the arena being filled: needs a new arena.
+    const int alloc_failures = fail_each_allocation(f, src, false,
+        [&] { made = f.s->alloc<std::uint64_t>(100); }, done);
+    const int create_failures = fail_each_allocation(f, src, false,
+        [&] { made = f.s->create<std::array<std::uint64_t, 120>>(); }, done);
+    CHECK(alloc_failures >= 1);  // the test injected something
+    CHECK(create_failures >= 1);
+  });
+}
+
+TEST_CASE("a failed shuffle leaves every entry where and as it was") {
+  for_each_setup([](cipher_kind c, source src) {
+    fixture f(c);
+    std::uint64_t shuffles = 0;
+    const int failures = fail_each_allocation(f, src, false, [&] { f.s->shuffle(); },
+                                              [&] { shuffles = f.s->stats().shuffles; });
+    CHECK(shuffles == 1);
+    CHECK(f.s->stats().pending_free_entries == 0);  // the freed entries were dropped
+    if (src == source::upstream) CHECK(failures >= 1);
+  });
+}
+
+TEST_CASE("a failed incremental shuffle step leaves every entry where and as it was") {
+  for_each_setup([](cipher_kind c, source src) {
+    fixture f(c);
+    int failures = 0;
+    // Step by step until one pass completes; every step is tried with each failure.
+    while (f.s->stats().shuffles == 0)
+      failures += fail_each_allocation(f, src, false, [&] { f.s->shuffle(64); }, [] {});
+    if (src == source::upstream) CHECK(failures >= 1);
+  });
+}
+
+TEST_CASE("a rent and return under failing memory keeps the value, with shuffle on return") {
+  for (bool windows : {false, true}) {
+    INFO("plaintext windows: ", windows);
+    for_each_setup([&](cipher_kind c, source src) {
+      fixture f(c, windows, true);
+      const handle h = f.all[3];  // larger than an arena: every move needs a new one
+      std::byte mark{0x40};
+      int failures = 0;
+      auto rent_write_return = [&] {
+        auto l = f.s->rent<std::uint64_t>(h);  // may throw: then nothing changed
+        mark = std::byte{static_cast<unsigned char>(std::to_integer<int>(mark) + 1)};
+        std::memset(l.get(), std::to_integer<int>(mark), f.s->size_of(h));
+        f.model[h].assign(f.model[h].size(), mark);
+        // The return never throws; if the move cannot get memory the entry stays.
+      };
+      failures = fail_each_allocation(f, src, true, rent_write_return, [] {});
+      CHECK(f.s->stats().entries_relocated_on_return >= 1);
+      if (src == source::upstream) CHECK(failures >= 1);
+    });
+  }
+}
+
+TEST_CASE("a key rotation under failing memory keeps every entry readable") {
+  for_each_setup([](cipher_kind c, source src) {
+    fixture f(c);
+    std::uint64_t rotations = 0;
+    fail_each_allocation(f, src, false, [&] { f.s->rotate_key(); },
+                         [&] { rotations = f.s->stats().key_rotations; });
+    CHECK(rotations >= 1);
+    key_type key{};
+    salt_type salt{};
+    key[0] = std::byte{7};
+    salt[1] = std::byte{9};
+    fail_each_allocation(f, src, false, [&] { f.s->rotate_key(key, salt); }, [] {});
+    CHECK(f.s->stats().key_rotations >= 2);
+  });
+}
+
+}  // TEST_SUITE
