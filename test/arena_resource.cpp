@@ -605,7 +605,23 @@ TEST_CASE("alignment padding near the end of a chunk never runs past it (boostor
 }
 
 TEST_CASE("a huge request throws bad_alloc instead of wrapping around (boostorg/container#159)") {
-  recording_resource up;
+  // Refuses what no machine has, and remembers the largest request, so a size that
+  // wrapped around to something small would be seen.
+  struct bounded_resource : std::pmr::memory_resource {
+    std::size_t largest_refused = 0;
+    void* do_allocate(std::size_t bytes, std::size_t alignment) override {
+      if (bytes > (std::size_t{1} << 40)) {
+        largest_refused = std::max(largest_refused, bytes);
+        throw std::bad_alloc();
+      }
+      return std::pmr::new_delete_resource()->allocate(bytes, alignment);
+    }
+    void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override {
+      std::pmr::new_delete_resource()->deallocate(p, bytes, alignment);
+    }
+    bool do_is_equal(const std::pmr::memory_resource& o) const noexcept override { return this == &o; }
+  } bounded;
+  recording_resource up(&bounded);
   arena_resource arena(&up);
   (void)arena.allocate(100, 8);
   const auto before = arena.stats();
@@ -615,7 +631,9 @@ TEST_CASE("a huge request throws bad_alloc instead of wrapping around (boostorg/
     CHECK_THROWS_AS((void)arena.allocate(bytes, 16), std::bad_alloc);
     CHECK_THROWS_AS((void)arena.allocate(bytes, 4096), std::bad_alloc);
     CHECK(same(arena.stats(), before));
+    CHECK(up.allocations() == 1);  // nothing small was asked for instead
   }
+  CHECK(bounded.largest_refused > max / 2);  // the sizes that fit in size_t were asked for whole
   std::size_t huge_alignment = std::size_t{1} << 63;  // not a constant: clang rejects those
   CHECK_THROWS_AS((void)arena.allocate(8, huge_alignment), std::bad_alloc);
   CHECK(same(arena.stats(), before));
