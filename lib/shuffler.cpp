@@ -218,9 +218,10 @@ struct shuffler::impl {
 
   void check_ratio() noexcept {
     const double reserved = static_cast<double>(heap.reserved_bytes());
-    // Slack below one arena is what any layout has; never shuffle for it.
+    // Slack of an arena or two (the one being filled, the ends of full ones) is what any
+    // layout has; a shuffle could not remove it, so it never triggers one.
     if (opt.shuffle_above_ratio > 0 && reserved > opt.shuffle_above_ratio * static_cast<double>(live_bytes) &&
-        heap.reserved_bytes() > live_bytes + heap.arena_size())
+        heap.reserved_bytes() > live_bytes + 2 * heap.arena_size())
       try_shuffle();
   }
 

@@ -1,1 +1,789 @@
+// The shuffler through its public API: values against a reference model, moves and
+// alignment, leases and pins, policies, errors that change nothing, memory given back,
+// the seed library's faults, and threads.
 #include <doctest/doctest.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <memshuffle/shuffler.hpp>
+#include <memshuffle/tracking_resource.hpp>
+
+#include "test/support/recording_resource.hpp"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define SHUFFLER_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SHUFFLER_TEST_ASAN 1
+#endif
+#endif
+#ifdef SHUFFLER_TEST_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
+
+using namespace memshuffle;
+using memshuffle::testing::recording_resource;
+
+namespace {
+
+struct alignas(16) u128 {
+  std::uint64_t lo, hi;
+};
+struct alignas(4096) page {
+  std::uint64_t words[8];
+};
+
+// The seed of a randomized test: MEMSHUFFLE_SEED when set (to replay a failure),
+// otherwise a fresh one. Tests CAPTURE it so a failure prints it.
+std::uint64_t test_seed() {
+  if (const char* s = std::getenv("MEMSHUFFLE_SEED")) return std::strtoull(s, nullptr, 10);
+  std::random_device rd;
+  return (std::uint64_t{rd()} << 32) | rd();
+}
+
+bool aligned(const void* p, std::size_t a) { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
+
+std::vector<std::byte> random_bytes(std::mt19937_64& rng, std::size_t n) {
+  std::vector<std::byte> v(n);
+  for (auto& b : v) b = static_cast<std::byte>(rng());
+  return v;
+}
+
+std::vector<std::byte> read_all(shuffler& s, handle h) {
+  std::vector<std::byte> v(s.size_of(h));
+  s.read(h, v);
+  return v;
+}
+
+// What the shuffler should hold: every live entry's bytes and alignment.
+struct model {
+  struct item {
+    std::vector<std::byte> bytes;
+    std::size_t alignment;
+  };
+  std::map<handle, item> entries;
+
+  std::size_t live_bytes() const {
+    std::size_t n = 0;
+    for (auto& [h, e] : entries) n += e.bytes.size();
+    return n;
+  }
+  handle pick(std::mt19937_64& rng) const {
+    auto it = entries.begin();
+    std::advance(it, static_cast<long>(rng() % entries.size()));
+    return it->first;
+  }
+};
+
+// Every value, size and the live statistics agree with the model.
+void check_model(shuffler& s, const model& m) {
+  for (auto& [h, e] : m.entries) {
+    REQUIRE(s.valid(h));
+    REQUIRE(s.size_of(h) == e.bytes.size());
+    REQUIRE(read_all(s, h) == e.bytes);
+  }
+  const auto st = s.stats();
+  REQUIRE(st.live_entries == m.entries.size());
+  REQUIRE(st.live_bytes == m.live_bytes());
+  REQUIRE(st.pinned_entries == 0);
+}
+
+// What a failed call must leave as it was.
+struct snapshot {
+  std::size_t live_entries, live_bytes, reserved_bytes, arenas, pinned, pending;
+  bool operator==(const snapshot&) const = default;
+};
+snapshot snap(const shuffler& s) {
+  const auto st = s.stats();
+  return {st.live_entries, st.live_bytes, st.reserved_bytes, st.arenas, st.pinned_entries,
+          st.pending_free_entries};
+}
+
+const cipher_kind all_ciphers[] = {cipher_kind::none, cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm};
+
+// A handle with a random type and size, recorded in the model as zeros.
+handle alloc_random(shuffler& s, model& m, std::mt19937_64& rng) {
+  handle h{};
+  std::size_t alignment = 1;
+  switch (rng() % 6) {
+    case 0: h = s.alloc<std::byte>(1 + rng() % 300); break;
+    case 1: h = s.alloc<std::uint64_t>(1 + rng() % 40), alignment = alignof(std::uint64_t); break;
+    case 2: h = s.alloc<double>(1 + rng() % 20), alignment = alignof(double); break;
+    case 3: h = s.create<u128>(), alignment = alignof(u128); break;
+    case 4: h = (rng() % 8 == 0 ? s.create<page>() : s.create<std::uint32_t>());
+            alignment = s.size_of(h) == sizeof(page) ? alignof(page) : alignof(std::uint32_t); break;
+    default: h = s.alloc<char>(1 + rng() % 5000); break;
+  }
+  m.entries[h] = {std::vector<std::byte>(s.size_of(h)), alignment};
+  return h;
+}
+
+// The randomized mix of the seed library's own test list, checked after every step.
+void run_model(shuffler_options options, std::uint64_t seed, int steps) {
+  CAPTURE(seed);
+  recording_resource up, plain;
+  if (options.plaintext_resource != nullptr) options.plaintext_resource = &plain;
+  {
+    shuffler s(options, &up);
+    model m;
+    std::vector<handle> gone;
+    std::mt19937_64 rng(seed);
+    for (int step = 0; step < steps; ++step) {
+      CAPTURE(step);
+      const unsigned op = static_cast<unsigned>(rng() % 100);
+      CAPTURE(op);
+      if (m.entries.size() < 4 || (op < 22 && m.entries.size() < 60)) {
+        alloc_random(s, m, rng);
+      } else if (op < 34) {
+        const handle h = m.pick(rng);
+        s.free(h);
+        m.entries.erase(h);
+        gone.push_back(h);
+      } else if (op < 56) {  // rent, check alignment, mutate through the lease
+        const handle h = m.pick(rng);
+        auto& e = m.entries[h];
+        auto l = s.rent<std::byte>(h);
+        REQUIRE(aligned(l.get(), e.alignment));
+        REQUIRE(l.size() == e.bytes.size());
+        REQUIRE(std::equal(l.span().begin(), l.span().end(), e.bytes.begin()));
+        for (int k = 0; k < 4; ++k) {
+          const std::size_t at = rng() % e.bytes.size();
+          e.bytes[at] = l.span()[at] = static_cast<std::byte>(rng());
+        }
+      } else if (op < 62) {  // nested leases: the inner one ends first, the entry stays put
+        const handle h = m.pick(rng);
+        auto outer = s.rent<std::byte>(h);
+        std::byte* p = outer.get();
+        {
+          auto inner = s.rent<std::byte>(h);
+          REQUIRE(inner.get() == p);
+          inner.span()[0] = m.entries[h].bytes[0] = static_cast<std::byte>(rng());
+        }
+        s.shuffle();
+        REQUIRE(outer.get()[0] == m.entries[h].bytes[0]);
+        REQUIRE(s.stats().pinned_entries == 1);
+      } else if (op < 70) {  // write a prefix
+        const handle h = m.pick(rng);
+        auto& e = m.entries[h];
+        const auto in = random_bytes(rng, 1 + rng() % e.bytes.size());
+        s.write(h, in);
+        std::copy(in.begin(), in.end(), e.bytes.begin());
+      } else if (op < 80) {
+        s.shuffle();
+      } else if (op < 92) {
+        s.shuffle(1 + rng() % 4000);
+      } else if (op < 94) {
+        s.rotate_key();
+      } else if (!gone.empty()) {  // a freed handle stays invalid
+        const handle h = gone[rng() % gone.size()];
+        REQUIRE_FALSE(s.valid(h));
+        REQUIRE_THROWS_AS(s.rent<std::byte>(h), invalid_handle_error);
+        REQUIRE_THROWS_AS(s.free(h), invalid_handle_error);
+      }
+      check_model(s, m);
+    }
+  }
+  REQUIRE(up.outstanding() == 0);
+  REQUIRE(up.mismatches() == 0);
+  REQUIRE(plain.outstanding() == 0);
+  REQUIRE(plain.mismatches() == 0);
+}
+
+}  // namespace
+
+TEST_SUITE("shuffler") {
+
+TEST_CASE("a random mix of alloc, create, free, rent, mutate, write and shuffle matches a model") {
+  const std::uint64_t seed = test_seed();
+  for (cipher_kind c : all_ciphers) {
+    for (int variant = 0; variant < 4; ++variant) {
+      CAPTURE(static_cast<int>(c));
+      CAPTURE(variant);
+      shuffler_options o{.cipher = c,
+                         .shuffle_on_borrow_return = (variant & 1) != 0,
+                         .arena_size = 16 * 1024};
+      if ((variant & 2) != 0) o.plaintext_resource = std::pmr::new_delete_resource();  // replaced in run_model
+      run_model(o, seed + static_cast<std::uint64_t>(variant), 700);
+    }
+  }
+}
+
+TEST_CASE("fresh entries read as zeros under every cipher, in place and in a window") {
+  recording_resource plain;
+  for (cipher_kind c : all_ciphers) {
+    for (auto* window : {static_cast<std::pmr::memory_resource*>(nullptr), static_cast<std::pmr::memory_resource*>(&plain)}) {
+      CAPTURE(static_cast<int>(c));
+      // A dirty upstream: the shuffler must not show what was in the memory before.
+      tracking_resource dirty(tracking_options{.fill_on_allocate = std::byte{0xAB}});
+      shuffler s({.cipher = c, .plaintext_resource = window}, &dirty);
+      const handle h = s.alloc<std::uint64_t>(100);
+      auto l = s.rent<std::uint64_t>(h);
+      CHECK(std::all_of(l.span().begin(), l.span().end(), [](std::uint64_t v) { return v == 0; }));
+    }
+  }
+}
+
+TEST_CASE("a long-lived entry keeps its value across thousands of shuffles and churn") {
+  const std::uint64_t seed = test_seed();
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  shuffler s({.arena_size = 8 * 1024});
+  const handle keeper = s.create<std::array<std::uint64_t, 4>>();
+  const std::array<std::uint64_t, 4> value{0x0123456789ABCDEF, 42, ~0ull, 7};
+  *s.rent<std::array<std::uint64_t, 4>>(keeper) = value;
+  std::vector<handle> churn;
+  for (int round = 0; round < 3000; ++round) {
+    churn.push_back(s.alloc<std::byte>(1 + rng() % 200));
+    if (churn.size() > 50) {
+      const std::size_t i = rng() % churn.size();
+      s.free(churn[i]);
+      churn.erase(churn.begin() + static_cast<long>(i));
+    }
+    if (round % 3 == 0) s.shuffle();
+    else s.shuffle(1 + rng() % 2048);
+    if (round % 100 == 0) REQUIRE(*s.rent<std::array<std::uint64_t, 4>>(keeper) == value);
+  }
+  CHECK(*s.rent<std::array<std::uint64_t, 4>>(keeper) == value);
+  CHECK(s.stats().shuffles >= 1000);
+}
+
+TEST_CASE("u64, double, 128-bit and 4096-aligned entries stay aligned after every kind of move") {
+  shuffler s({.cipher = cipher_kind::aes_256_gcm, .arena_size = 16 * 1024});
+  std::vector<std::pair<handle, std::size_t>> hs;
+  for (int i = 0; i < 8; ++i) {
+    hs.emplace_back(s.alloc<std::uint64_t>(3), alignof(std::uint64_t));
+    hs.emplace_back(s.alloc<double>(5), alignof(double));
+    hs.emplace_back(s.create<u128>(), alignof(u128));
+    hs.emplace_back(s.create<page>(), alignof(page));
+    hs.emplace_back(s.alloc<std::byte>(13), 1);  // odd sizes between them
+  }
+  const auto check_all = [&] {
+    for (auto [h, a] : hs) {
+      auto l = s.rent<std::byte>(h);
+      CAPTURE(a);
+      CHECK(aligned(l.get(), a));
+    }
+  };
+  for (int round = 0; round < 20; ++round) {
+    s.shuffle();
+    check_all();
+    s.shuffle(3000);
+    check_all();
+    s.set_shuffle_on_borrow_return(round % 2 == 0);  // each rent in check_all moves on return
+    check_all();
+  }
+  // The values survive too.
+  *s.rent<page>(hs[3].first) = page{{1, 2, 3, 4, 5, 6, 7, 8}};
+  s.shuffle();
+  CHECK(s.rent<page>(hs[3].first)->words[7] == 8);
+}
+
+TEST_CASE("a rented entry keeps its address across shuffles until it is returned") {
+  recording_resource up;
+  shuffler s({.arena_size = 4096}, &up);
+  std::vector<handle> others;
+  for (int i = 0; i < 200; ++i) others.push_back(s.alloc<std::uint64_t>(4));
+  const handle h = s.alloc<std::uint64_t>(4);
+  auto l = s.rent<std::uint64_t>(h);
+  l.span()[2] = 99;
+  std::uint64_t* p = l.get();
+  for (int i = 0; i < 50; ++i) {
+    s.shuffle();
+    s.shuffle(512);
+    CHECK(l.get() == p);
+    CHECK(p[2] == 99);
+  }
+  CHECK(s.stats().bytes_moved > 0);  // the others did move
+  l.reset();
+  CHECK(s.rent<std::uint64_t>(h).span()[2] == 99);
+}
+
+TEST_CASE("shuffle on return moves the returned entry alone to a new address") {
+  shuffler s({.cipher = cipher_kind::none, .shuffle_on_borrow_return = true});
+  const handle h = s.alloc<std::uint64_t>(8);
+  const handle other = s.alloc<std::uint64_t>(8);
+  int changed = 0;
+  std::uint64_t* last = nullptr;
+  for (std::uint64_t i = 0; i < 100; ++i) {
+    const auto moved_before = s.stats().bytes_moved;
+    {
+      auto l = s.rent<std::uint64_t>(h);
+      if (l.get() != last) ++changed;
+      last = l.get();
+      l.span()[i % 8] = i;
+    }
+    CHECK(s.stats().bytes_moved - moved_before == 8 * sizeof(std::uint64_t));  // that entry only
+  }
+  CHECK(changed == 100);
+  CHECK(s.stats().entries_relocated_on_return == 100);
+  CHECK(s.stats().shuffles == 0);  // never a whole-heap compaction
+  CHECK(s.rent<std::uint64_t>(h).span()[7] == 95);
+  CHECK(s.rent<std::uint64_t>(other).span()[0] == 0);
+}
+
+TEST_CASE("when a move on return finds no memory the entry stays where it is") {
+  recording_resource up;
+  shuffler s({.shuffle_on_borrow_return = true, .arena_size = 1024}, &up);
+  const handle h = s.alloc<std::byte>(1000);  // fills the arena: the move needs a new one
+  std::byte* before = s.rent_pointer<std::byte*>(h);
+  before[0] = std::byte{5};
+  up.fail_after(0, false);
+  s.return_pointer(h);
+  std::byte* after = s.rent_pointer<std::byte*>(h);
+  up.fail_never();
+  CHECK(after == before);
+  CHECK(after[0] == std::byte{5});
+  s.return_pointer(h);
+}
+
+TEST_CASE("nested leases count: the entry stays pinned until the last one ends") {
+  shuffler s;
+  const handle h = s.create<std::uint64_t>();
+  auto a = s.rent<std::uint64_t>(h);
+  auto b = s.rent<std::uint64_t>(h);
+  std::uint64_t* c = s.rent_pointer<std::uint64_t*>(h);
+  CHECK(a.get() == b.get());
+  CHECK(c == a.get());
+  *a = 11;
+  b.reset();  // the seed library's flag would have unlocked the entry here
+  CHECK(s.stats().pinned_entries == 1);
+  CHECK_THROWS_AS(s.free(h), lease_error);
+  s.shuffle();
+  CHECK(a.get() == c);
+  s.return_pointer(h);
+  CHECK(*a == 11);
+  lease<std::uint64_t> moved = std::move(a);
+  CHECK_FALSE(a);
+  CHECK(s.stats().pinned_entries == 1);
+  moved.reset();
+  CHECK(s.stats().pinned_entries == 0);
+  CHECK_THROWS_AS(s.return_pointer(h), lease_error);
+  CHECK(*s.rent<std::uint64_t>(h) == 11);
+  s.free(h);
+}
+
+TEST_CASE("a lease spans size_of(h) / sizeof(T) elements") {
+  shuffler s;
+  const handle h = s.alloc<std::byte>(20);
+  CHECK(s.rent<std::uint8_t>(h).size() == 20);
+  CHECK(s.rent<std::array<char, 6>>(h).size() == 3);
+  const handle w = s.alloc<std::uint64_t>(5);
+  CHECK(s.rent<std::uint32_t>(w).size() == 10);
+  CHECK(s.rent<u128>(s.alloc<u128>(2)).span().size() == 2);
+}
+
+TEST_CASE("a freed handle is invalid at once, before any shuffle") {
+  shuffler s;
+  const handle h = s.create<int>();
+  s.free(h);
+  CHECK_FALSE(s.valid(h));
+  CHECK_THROWS_AS(s.rent<int>(h), invalid_handle_error);
+  CHECK_THROWS_AS(s.size_of(h), invalid_handle_error);
+  CHECK_THROWS_AS(s.free(h), invalid_handle_error);
+  CHECK(s.stats().pending_free_entries == 1);
+  const handle again = s.create<int>();  // may reuse the slot; the old handle stays dead
+  s.shuffle();
+  CHECK(s.stats().pending_free_entries == 0);
+  CHECK_FALSE(s.valid(h));
+  CHECK(s.valid(again));
+}
+
+TEST_CASE("every bad call raises its error and leaves the shuffler unchanged") {
+  const std::uint64_t seed = test_seed();
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  for (cipher_kind c : all_ciphers) {
+    CAPTURE(static_cast<int>(c));
+    recording_resource up;
+    shuffler s({.cipher = c}, &up);
+    shuffler other({.cipher = c}, &up);
+    model m;
+    for (int i = 0; i < 20; ++i) {
+      const handle h = alloc_random(s, m, rng);
+      m.entries[h].bytes = random_bytes(rng, m.entries[h].bytes.size());
+      s.write(h, m.entries[h].bytes);
+    }
+    const handle bytes_entry = s.alloc<std::byte>(7);
+    m.entries[bytes_entry] = {std::vector<std::byte>(7), 1};
+    const handle freed = s.create<int>();
+    s.free(freed);
+    const handle foreign = other.create<int>();
+    const handle rented = m.pick(rng);
+    auto held = s.rent<std::byte>(rented);
+    const snapshot before = snap(s);
+    const auto unchanged = [&] {
+      CHECK(snap(s) == before);
+      held.reset();
+      check_model(s, m);
+      held = s.rent<std::byte>(rented);
+    };
+    std::byte buffer[8]{};
+    for (handle bad : {invalid_handle, freed, foreign, handle{0}, static_cast<handle>(rng())}) {
+      CAPTURE(static_cast<std::uint64_t>(bad));
+      CHECK_FALSE(s.valid(bad));
+      CHECK_THROWS_AS(s.rent<int>(bad), invalid_handle_error);
+      CHECK_THROWS_AS(s.rent_pointer<int*>(bad), invalid_handle_error);
+      CHECK_THROWS_AS(s.return_pointer(bad), invalid_handle_error);
+      CHECK_THROWS_AS(s.free(bad), invalid_handle_error);
+      CHECK_THROWS_AS(s.size_of(bad), invalid_handle_error);
+      CHECK_THROWS_AS(s.read(bad, buffer), invalid_handle_error);
+      CHECK_THROWS_AS(s.write(bad, buffer), invalid_handle_error);
+      unchanged();
+    }
+    CHECK_THROWS_AS(s.free(rented), lease_error);
+    unchanged();
+    CHECK_THROWS_AS(s.return_pointer(bytes_entry), lease_error);
+    unchanged();
+    using eight_bytes = std::array<std::byte, 8>;
+    CHECK_THROWS_AS(s.rent<eight_bytes>(bytes_entry), type_error);  // larger
+    CHECK_THROWS_AS(s.rent<std::uint32_t>(bytes_entry), type_error);              // misaligned
+    CHECK_THROWS_AS(s.rent_pointer<double*>(bytes_entry), type_error);
+    CHECK_THROWS_AS(s.read(bytes_entry, buffer), type_error);  // 8 bytes out of 7
+    CHECK_THROWS_AS(s.write(bytes_entry, buffer), type_error);
+    unchanged();
+    CHECK_THROWS_AS(s.alloc<int>(0), type_error);
+    CHECK_THROWS_AS(s.alloc<std::uint64_t>(~std::size_t{0} / 4), type_error);  // size overflows
+    unchanged();
+    up.fail_after(0, false);
+    CHECK_THROWS_AS(s.alloc<std::byte>(100000), std::bad_alloc);  // needs a new arena
+    up.fail_never();
+    unchanged();
+  }
+}
+
+TEST_CASE("running out of memory inside a shuffle changes nothing") {
+  const std::uint64_t seed = test_seed();
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  for (cipher_kind c : all_ciphers) {
+    CAPTURE(static_cast<int>(c));
+    recording_resource up;
+    shuffler s({.cipher = c, .arena_size = 2048}, &up);
+    model m;
+    for (int i = 0; i < 40; ++i) {
+      const handle h = alloc_random(s, m, rng);
+      m.entries[h].bytes = random_bytes(rng, m.entries[h].bytes.size());
+      s.write(h, m.entries[h].bytes);
+    }
+    for (int i = 0; i < 10; ++i) {
+      const handle h = m.pick(rng);
+      s.free(h);
+      m.entries.erase(h);
+    }
+    for (bool incremental : {false, true}) {
+      CAPTURE(incremental);
+      for (std::size_t n = 0;; ++n) {
+        CAPTURE(n);
+        const snapshot before = snap(s);
+        const auto moved = s.stats().bytes_moved;
+        up.fail_after(n);
+        try {
+          if (incremental) s.shuffle(std::size_t{16} * 1024);
+          else s.shuffle();
+          up.fail_never();
+          break;
+        } catch (const std::bad_alloc&) {
+          up.fail_never();
+          REQUIRE(snap(s) == before);
+          REQUIRE(s.stats().bytes_moved == moved);
+          check_model(s, m);
+        }
+      }
+      check_model(s, m);
+    }
+  }
+}
+
+TEST_CASE("after 1000 shuffles of a steady heap reserved bytes stay within 1.1 x live plus one arena") {
+  const std::uint64_t seed = test_seed();
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  const std::size_t arena = 16 * 1024;
+  recording_resource up;
+  shuffler s({.arena_size = arena}, &up);
+  std::vector<handle> hs;
+  for (int i = 0; i < 400; ++i) hs.push_back(s.alloc<std::byte>(16 + rng() % 500));
+  for (int round = 0; round < 1000; ++round) {
+    for (int k = 0; k < 10; ++k) {  // churn at a steady size
+      const std::size_t i = rng() % hs.size();
+      const std::size_t n = s.size_of(hs[i]);
+      s.free(hs[i]);
+      hs[i] = s.alloc<std::byte>(n);
+    }
+    s.shuffle();
+    const auto st = s.stats();
+    CAPTURE(round);
+    REQUIRE(static_cast<double>(st.reserved_bytes) <= 1.1 * static_cast<double>(st.live_bytes) + arena);
+    REQUIRE(st.reserved_bytes == up.outstanding_bytes());
+  }
+}
+
+TEST_CASE("after free and shuffle the upstream has the memory back, and nothing leaks after destruction") {
+  tracking_resource track;
+  {
+    shuffler s({.arena_size = 8 * 1024}, &track);
+    std::vector<handle> hs;
+    for (int i = 0; i < 1000; ++i) hs.push_back(s.alloc<std::uint64_t>(8));
+    const std::size_t full = track.stats().current_bytes;
+    CHECK(full >= 1000 * 64);
+    for (std::size_t i = 0; i < hs.size(); ++i)
+      if (i % 10 != 0) s.free(hs[i]);
+    CHECK(track.stats().current_bytes == full);  // deferred: nothing given back yet
+    s.shuffle();
+    CHECK(track.stats().current_bytes < full / 5);
+    CHECK(s.stats().reserved_bytes == track.stats().current_bytes);
+    CHECK(s.stats().arenas_released > 0);
+  }
+  CHECK_FALSE(track.has_leaks());
+  CHECK(track.stats().bad_deallocations == 0);
+}
+
+TEST_CASE("an incremental shuffle moves about its budget per call and finishes the pass") {
+  recording_resource up;
+  shuffler s({.cipher = cipher_kind::none, .randomize_layout = false, .arena_size = 4096}, &up);
+  std::vector<handle> hs;
+  for (int i = 0; i < 256; ++i) hs.push_back(s.alloc<std::byte>(64));
+  for (std::size_t i = 0; i < hs.size(); i += 2) s.free(hs[i]);
+  const std::size_t arenas_before = s.stats().arenas;
+  int calls = 0;
+  std::uint64_t moved = 0;
+  while (s.stats().shuffles == 0) {
+    s.shuffle(640);
+    const std::uint64_t now = s.stats().bytes_moved;
+    CHECK(now - moved <= 640);  // 64-byte entries: never more than the budget
+    moved = now;
+    ++calls;
+    REQUIRE(calls < 1000);
+  }
+  CHECK(moved == 128 * 64);
+  CHECK(calls >= 128 * 64 / 640);
+  CHECK(s.stats().arenas < arenas_before);
+  CHECK(s.stats().pending_free_entries == 0);
+  CHECK(s.stats().reserved_bytes == up.outstanding_bytes());
+}
+
+TEST_CASE("shuffle_every shuffles after that many operations") {
+  shuffler s({.cipher = cipher_kind::none, .shuffle_every = 10});
+  std::vector<handle> hs;
+  for (int i = 0; i < 9; ++i) hs.push_back(s.create<int>());
+  CHECK(s.stats().shuffles == 0);
+  hs.push_back(s.create<int>());
+  CHECK(s.stats().shuffles == 1);
+  for (int i = 0; i < 5; ++i) {
+    auto l = s.rent<int>(hs[0]);  // a rent and a return: two operations
+  }
+  CHECK(s.stats().shuffles == 2);
+}
+
+TEST_CASE("shuffle_above_ratio compacts once reserved bytes outgrow live bytes") {
+  const std::size_t arena = 4096;
+  shuffler s({.cipher = cipher_kind::none, .shuffle_above_ratio = 1.5, .arena_size = arena});
+  std::vector<handle> hs;
+  for (int i = 0; i < 512; ++i) hs.push_back(s.alloc<std::byte>(64));
+  for (std::size_t i = 0; i < hs.size(); ++i)
+    if (i % 4 != 0) s.free(hs[i]);  // three quarters freed, in every arena
+  CHECK(s.stats().shuffles == 0);
+  s.create<int>();  // the ratio is checked after an alloc
+  const auto st = s.stats();
+  CHECK(st.shuffles == 1);
+  CHECK(static_cast<double>(st.reserved_bytes) <= 1.5 * static_cast<double>(st.live_bytes) + arena);
+}
+
+TEST_CASE("sealed<T> frees its entry when it ends, or when the last lease on it ends") {
+  shuffler s;
+  handle h{};
+  {
+    sealed<std::uint64_t> secret(s);
+    h = secret.id();
+    *secret.open() = 5;
+    CHECK(*secret.open() == 5);
+  }
+  CHECK_FALSE(s.valid(h));
+  lease<std::uint64_t> l;
+  {
+    sealed<std::uint64_t> secret(s, 4);
+    h = secret.id();
+    l = secret.open();
+    l.span()[3] = 9;
+  }
+  CHECK_FALSE(s.valid(h));  // gone for callers at once...
+  CHECK(l.span()[3] == 9);  // ...while the open lease still works
+  CHECK(s.stats().live_entries == 1);
+  l.reset();
+  CHECK(s.stats().live_entries == 0);
+  sealed<int> kept(s);
+  const handle owned = kept.release();
+  CHECK(s.valid(owned));
+  auto adopted = sealed<int>::adopt(s, owned);
+  CHECK(adopted.id() == owned);
+}
+
+TEST_CASE("a plaintext window holds the lease and the arena keeps ciphertext meanwhile") {
+  recording_resource up, plain;
+  shuffler s({.cipher = cipher_kind::aes_256_ctr, .plaintext_resource = &plain}, &up);
+  const handle h = s.alloc<char>(32);
+  const std::string secret = "window-marker-0123456789";
+  {
+    auto l = s.rent<char>(h);
+    std::copy(secret.begin(), secret.end(), l.get());
+    const auto blocks = plain.live_blocks();
+    REQUIRE(blocks.size() == 1);
+    CHECK(static_cast<void*>(l.get()) == blocks[0].p);
+  }
+  CHECK(plain.outstanding() == 0);
+  CHECK_FALSE(up.contains(std::as_bytes(std::span(secret))));
+  std::vector<std::byte> out(secret.size());
+  s.read(h, out);
+  CHECK(std::equal(out.begin(), out.end(), std::as_bytes(std::span(secret)).begin()));
+}
+
+TEST_CASE("metadata is 32 bytes per table slot") {
+  shuffler s;
+  for (int i = 0; i < 100; ++i) s.create<int>();
+  CHECK(s.stats().metadata_bytes == 100 * 32);
+}
+
+TEST_CASE("a handle from another shuffler is caught") {
+  shuffler a, b;
+  const handle ha = a.create<int>();
+  const handle hb = b.create<int>();
+  CHECK_FALSE(b.valid(ha));
+  CHECK_FALSE(a.valid(hb));
+  CHECK_THROWS_AS(b.rent<int>(ha), invalid_handle_error);
+  CHECK(ha != invalid_handle);
+}
+
+#ifdef SHUFFLER_TEST_ASAN
+TEST_CASE("under the address sanitizer a raw pointer kept past a move is poisoned") {
+  shuffler s({.cipher = cipher_kind::none, .arena_size = 4096});
+  const handle h = s.alloc<std::uint64_t>(4);
+  const handle pin = s.alloc<std::uint64_t>(4);  // pinned: keeps the old arena alive
+  auto hold = s.rent<std::uint64_t>(pin);
+  std::uint64_t* stale = s.rent_pointer<std::uint64_t*>(h);
+  s.return_pointer(h);
+  s.shuffle();
+  CHECK(__asan_address_is_poisoned(stale));
+  s.set_shuffle_on_borrow_return(true);
+  std::uint64_t* again = s.rent_pointer<std::uint64_t*>(h);
+  s.return_pointer(h);  // moves it alone
+  CHECK(__asan_address_is_poisoned(again));
+}
+#endif
+
+}  // TEST_SUITE
+
+TEST_SUITE("concurrency") {
+
+TEST_CASE("several threads allocate, rent, mutate, return, free and shuffle at once") {
+  const std::uint64_t seed = test_seed();
+  CAPTURE(seed);
+  for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm, cipher_kind::none}) {
+    CAPTURE(static_cast<int>(c));
+    recording_resource up;
+    {
+      shuffler s({.cipher = c, .shuffle_every = 97, .arena_size = 8 * 1024}, &up);
+      constexpr int threads = 4, steps = 1500;
+      std::vector<handle> shared;
+      for (int i = 0; i < 4; ++i) shared.push_back(s.create<std::uint64_t>());
+      std::atomic<int> running{threads};
+      std::atomic<bool> failed{false};
+      std::atomic<std::uint64_t> increments{0};
+      std::vector<std::thread> pool;
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+          std::mt19937_64 rng(seed + static_cast<std::uint64_t>(t));
+          std::map<handle, std::uint64_t> mine;  // each private entry: 8 words of one value
+          const auto check = [&](handle h) {
+            auto l = s.rent<std::uint64_t>(h);
+            for (std::uint64_t v : l.span())
+              if (v != mine[h]) failed = true;
+          };
+          for (int i = 0; i < steps; ++i) {
+            const unsigned op = static_cast<unsigned>(rng() % 10);
+            if (mine.size() < 3 || op < 3) {
+              mine[s.alloc<std::uint64_t>(8)] = 0;
+            } else if (op < 5) {
+              auto it = mine.begin();
+              std::advance(it, static_cast<long>(rng() % mine.size()));
+              check(it->first);
+              s.free(it->first);
+              mine.erase(it);
+            } else if (op < 8) {
+              auto it = mine.begin();
+              std::advance(it, static_cast<long>(rng() % mine.size()));
+              check(it->first);
+              auto l = s.rent<std::uint64_t>(it->first);
+              it->second = rng();
+              std::fill(l.span().begin(), l.span().end(), it->second);
+            } else {
+              auto l = s.rent<std::uint64_t>(shared[rng() % shared.size()]);
+              std::atomic_ref<std::uint64_t>(*l).fetch_add(1);
+              ++increments;
+            }
+          }
+          for (auto& [h, v] : mine) check(h);
+          --running;
+        });
+      }
+      pool.emplace_back([&] {  // one thread shuffles and rotates meanwhile
+        for (int i = 0; running > 0; ++i) {
+          if (i % 3 == 0) s.shuffle();
+          else s.shuffle(4096);
+          if (i % 10 == 0) s.rotate_key();
+          if (i % 7 == 0) s.stats();
+        }
+      });
+      for (auto& th : pool) th.join();
+      CHECK_FALSE(failed.load());
+      std::uint64_t total = 0;
+      for (handle h : shared) total += *s.rent<std::uint64_t>(h);
+      CHECK(total == increments.load());
+      const auto st = s.stats();
+      CHECK(st.pinned_entries == 0);
+      CHECK(st.live_entries >= shared.size());
+    }
+    CHECK(up.outstanding() == 0);
+    CHECK(up.mismatches() == 0);
+  }
+}
+
+TEST_CASE("threads renting distinct entries and one entry all at once see consistent values") {
+  shuffler s({.cipher = cipher_kind::aes_256_gcm});
+  const handle counter = s.create<std::uint64_t>();
+  constexpr int threads = 4, rounds = 2000;
+  std::vector<handle> own;
+  for (int t = 0; t < threads; ++t) own.push_back(s.alloc<std::uint64_t>(16));
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      for (int i = 0; i < rounds; ++i) {
+        {
+          auto l = s.rent<std::uint64_t>(own[static_cast<std::size_t>(t)]);
+          for (auto& v : l.span()) ++v;
+        }
+        auto c = s.rent<std::uint64_t>(counter);
+        std::atomic_ref<std::uint64_t>(*c).fetch_add(1);
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  CHECK(*s.rent<std::uint64_t>(counter) == threads * rounds);
+  for (handle h : own) {
+    auto l = s.rent<std::uint64_t>(h);
+    CHECK(std::all_of(l.span().begin(), l.span().end(), [](std::uint64_t v) { return v == rounds; }));
+  }
+  const auto st = s.stats();
+  CHECK(st.encryptions >= st.decryptions);
+}
+
+}  // TEST_SUITE
