@@ -22,7 +22,9 @@ constexpr std::size_t frees_per_shuffle = 1024;
 constexpr std::size_t big_heap = 64u << 20, big_entry = 4096;
 constexpr std::size_t many_entries = 1'000'000, small_entry = 64;
 
-memshuffle::shuffler_options plain() { return {.cipher = cipher_kind::none}; }
+using memshuffle::shuffler_options;
+
+shuffler_options plain() { return {.cipher = cipher_kind::none}; }
 
 void BM_rent_return_64B(benchmark::State& state) {
   shuffler s(plain());
@@ -59,17 +61,22 @@ void BM_std_sync_pool_alloc_free_64B(benchmark::State& state) {
 }
 BENCHMARK(BM_std_sync_pool_alloc_free_64B);
 
-// Baseline for shuffle bandwidth: one memcpy of the whole heap into memory already
-// touched, the best a move of every byte can do.
-void BM_memcpy_64MiB(benchmark::State& state) {
+// Baselines for shuffle bandwidth: one memcpy of the whole heap into memory already
+// touched, the best a move of every byte can do; and the same plus wiping what was
+// left, the least a shuffle that wipes can do.
+void memcpy_baseline(benchmark::State& state, bool wipe) {
   std::vector<std::byte> from(big_heap, std::byte{1}), to(big_heap, std::byte{2});
   for (auto _ : state) {
     std::memcpy(to.data(), from.data(), big_heap);
+    if (wipe) memshuffle::secure_wipe(from.data(), big_heap);
     benchmark::ClobberMemory();
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * big_heap));
 }
+void BM_memcpy_64MiB(benchmark::State& state) { memcpy_baseline(state, false); }
+void BM_memcpy_and_wipe_64MiB(benchmark::State& state) { memcpy_baseline(state, true); }
 BENCHMARK(BM_memcpy_64MiB)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_memcpy_and_wipe_64MiB)->Unit(benchmark::kMillisecond);
 
 // Fills a shuffler with count entries of bytes each, every one written once.
 void fill(shuffler& s, std::size_t count, std::size_t bytes) {
@@ -79,22 +86,28 @@ void fill(shuffler& s, std::size_t count, std::size_t bytes) {
   }
 }
 
+// Argument: randomize_layout (1, the default, or 0: entries keep their order, which
+// shows what the random order costs).
+shuffler_options layout(const benchmark::State& state) {
+  return {.cipher = cipher_kind::none, .randomize_layout = state.range(0) != 0};
+}
+
 void BM_shuffle_64MiB_in_4KiB(benchmark::State& state) {
-  shuffler s(plain());
+  shuffler s(layout(state));
   fill(s, big_heap / big_entry, big_entry);
   for (auto _ : state) s.shuffle();
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * big_heap));
 }
-BENCHMARK(BM_shuffle_64MiB_in_4KiB)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_shuffle_64MiB_in_4KiB)->ArgName("random")->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond);
 
 void BM_shuffle_1M_64B(benchmark::State& state) {
-  shuffler s(plain());
+  shuffler s(layout(state));
   fill(s, many_entries, small_entry);
   for (auto _ : state) s.shuffle();
   state.counters["ns_per_entry"] = benchmark::Counter(
       double(many_entries), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
-BENCHMARK(BM_shuffle_1M_64B)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_shuffle_1M_64B)->ArgName("random")->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 
@@ -111,14 +124,20 @@ int main(int argc, char** argv) {
     auto t = reporter.ns(name);
     return t ? std::optional<double>(*t / double(many_entries)) : std::nullopt;
   };
-  std::printf("\ngoals (cipher none; same run):\n");
+  std::printf("\ngoals (cipher none; CPU time; same run):\n");
   print_goal("rent+return, 64 B entry", reporter.ns("BM_rent_return_64B"), "ns", goal{40, true});
   print_goal("alloc+free, 64 B entry", reporter.ns("BM_alloc_free_64B"), "ns", goal{60, true});
   print_goal("alloc+free / std synchronized_pool_resource",
-             ratio(reporter.ns("BM_alloc_free_64B"), reporter.ns("BM_std_sync_pool_alloc_free_64B")),
-             "x");
+             ratio(reporter.ns("BM_alloc_free_64B"), reporter.ns("BM_std_sync_pool_alloc_free_64B")), "x");
   print_goal("shuffle 64 MiB of 4 KiB / memcpy bandwidth",
-             ratio(bandwidth("BM_shuffle_64MiB_in_4KiB"), bandwidth("BM_memcpy_64MiB")), "x", goal{0.5, false});
-  print_goal("shuffle of 1M 64 B entries, per entry", per_entry("BM_shuffle_1M_64B"), "ns", goal{30, true});
+             ratio(bandwidth("BM_shuffle_64MiB_in_4KiB/random:1"), bandwidth("BM_memcpy_64MiB")), "x",
+             goal{0.5, false});
+  print_goal("  same, entries kept in order",
+             ratio(bandwidth("BM_shuffle_64MiB_in_4KiB/random:0"), bandwidth("BM_memcpy_64MiB")), "x");
+  print_goal("  memcpy+wipe / memcpy (the floor with wiping)",
+             ratio(bandwidth("BM_memcpy_and_wipe_64MiB"), bandwidth("BM_memcpy_64MiB")), "x");
+  print_goal("shuffle of 1M 64 B entries, per entry", per_entry("BM_shuffle_1M_64B/random:1"), "ns",
+             goal{30, true});
+  print_goal("  same, entries kept in order", per_entry("BM_shuffle_1M_64B/random:0"), "ns");
   benchmark::Shutdown();
 }
