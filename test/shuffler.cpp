@@ -268,10 +268,11 @@ TEST_CASE("u64, double, 128-bit and 4096-aligned entries stay aligned after ever
     hs.emplace_back(s.alloc<std::byte>(13), 1);  // odd sizes between them
   }
   const auto check_all = [&] {
-    for (auto [h, a] : hs) {
-      auto l = s.rent<std::byte>(h);
-      CAPTURE(a);
-      CHECK(aligned(l.get(), a));
+    for (const auto& entry : hs) {
+      auto l = s.rent<std::byte>(entry.first);
+      const std::size_t alignment = entry.second;
+      CAPTURE(alignment);
+      CHECK(aligned(l.get(), alignment));
     }
   };
   for (int round = 0; round < 20; ++round) {
