@@ -1,2 +1,166 @@
+// arena_resource against std's and boost's monotonic_buffer_resource, in one run:
+// allocation of 8..256-byte blocks through the memory_resource interface, and reuse of
+// an arena per unit of work (reset() + refill against destroying and re-creating).
+#include <memshuffle/arena_resource.hpp>
+
 #include <benchmark/benchmark.h>
-BENCHMARK_MAIN();
+#include <boost/container/pmr/global_resource.hpp>
+#include <boost/container/pmr/monotonic_buffer_resource.hpp>
+
+#include <malloc.h>
+
+#include <array>
+#include <cstddef>
+#include <memory_resource>
+#include <random>
+
+#include "goal_report.hpp"
+
+namespace {
+
+namespace bpmr = boost::container::pmr;
+using memshuffle::arena_resource;
+
+constexpr std::size_t batch = 1024;  // allocations per iteration
+constexpr std::size_t mixed = 0;     // size argument: random sizes in 8..256
+
+// The sizes of one batch: all `size`, or a fixed random mix of 8..256 bytes.
+const std::array<std::size_t, batch>& sizes_for(std::size_t size) {
+  static std::array<std::size_t, batch> fixed, mix;
+  static const bool ready = [] {
+    std::mt19937 rng(42);
+    for (auto& s : mix) s = 8 + rng() % 249;
+    return true;
+  }();
+  (void)ready;
+  if (size == mixed) return mix;
+  fixed.fill(size);
+  return fixed;
+}
+
+// Big enough for a batch of the largest blocks: the bump path alone, no upstream.
+alignas(64) std::byte buffer[batch * 256 * 2];
+
+template <class Resource, class Base>
+void allocate_batch(benchmark::State& state, Resource& resource) {
+  const auto& sizes = sizes_for(static_cast<std::size_t>(state.range(0)));
+  Base* r = &resource;
+  benchmark::DoNotOptimize(r);  // calls go through the virtual interface, as in containers
+  for (auto _ : state) {
+    for (std::size_t s : sizes) benchmark::DoNotOptimize(r->allocate(s, 8));
+    resource.release();
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * batch));
+}
+
+// Blocks from the caller's buffer: the hot path only.
+void alloc_buffer_arena(benchmark::State& state) {
+  arena_resource r(buffer, sizeof buffer, std::pmr::null_memory_resource());
+  allocate_batch<arena_resource, std::pmr::memory_resource>(state, r);
+}
+void alloc_buffer_std(benchmark::State& state) {
+  std::pmr::monotonic_buffer_resource r(buffer, sizeof buffer, std::pmr::null_memory_resource());
+  allocate_batch<std::pmr::monotonic_buffer_resource, std::pmr::memory_resource>(state, r);
+}
+void alloc_buffer_boost(benchmark::State& state) {
+  bpmr::monotonic_buffer_resource r(buffer, sizeof buffer, bpmr::null_memory_resource());
+  allocate_batch<bpmr::monotonic_buffer_resource, bpmr::memory_resource>(state, r);
+}
+
+// Blocks from chunks of the default growth over new/delete, released after each batch.
+void alloc_chunks_arena(benchmark::State& state) {
+  arena_resource r(std::pmr::new_delete_resource());
+  allocate_batch<arena_resource, std::pmr::memory_resource>(state, r);
+}
+void alloc_chunks_std(benchmark::State& state) {
+  std::pmr::monotonic_buffer_resource r(std::pmr::new_delete_resource());
+  allocate_batch<std::pmr::monotonic_buffer_resource, std::pmr::memory_resource>(state, r);
+}
+void alloc_chunks_boost(benchmark::State& state) {
+  bpmr::monotonic_buffer_resource r(bpmr::new_delete_resource());
+  allocate_batch<bpmr::monotonic_buffer_resource, bpmr::memory_resource>(state, r);
+}
+
+// One unit of work: a batch of mixed blocks from a fresh (or freshly reset) resource.
+template <class Base>
+void fill(Base* r) {
+  benchmark::DoNotOptimize(r);
+  for (std::size_t s : sizes_for(mixed)) benchmark::DoNotOptimize(r->allocate(s, 8));
+}
+
+void unit_arena_reset(benchmark::State& state) {
+  arena_resource r(std::pmr::new_delete_resource());
+  for (auto _ : state) {
+    r.reset();
+    fill<std::pmr::memory_resource>(&r);
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * batch));
+}
+void unit_std_recreate(benchmark::State& state) {
+  for (auto _ : state) {
+    std::pmr::monotonic_buffer_resource r(std::pmr::new_delete_resource());
+    fill<std::pmr::memory_resource>(&r);
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * batch));
+}
+void unit_boost_recreate(benchmark::State& state) {
+  for (auto _ : state) {
+    bpmr::monotonic_buffer_resource r(bpmr::new_delete_resource());
+    fill<bpmr::memory_resource>(&r);
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * batch));
+}
+
+void block_sizes(benchmark::internal::Benchmark* b) {
+  for (long s : {8L, 64L, 256L, static_cast<long>(mixed)}) b->Arg(s);
+}
+
+BENCHMARK(alloc_buffer_arena)->Apply(block_sizes);
+BENCHMARK(alloc_buffer_std)->Apply(block_sizes);
+BENCHMARK(alloc_buffer_boost)->Apply(block_sizes);
+BENCHMARK(alloc_chunks_arena)->Apply(block_sizes);
+BENCHMARK(alloc_chunks_std)->Apply(block_sizes);
+BENCHMARK(alloc_chunks_boost)->Apply(block_sizes);
+BENCHMARK(unit_arena_reset);
+BENCHMARK(unit_std_recreate);
+BENCHMARK(unit_boost_recreate);
+
+void print_goals(const memshuffle::bench::goal_reporter& r) {
+  using memshuffle::bench::goal;
+  using memshuffle::bench::print_goal;
+  using memshuffle::bench::ratio;
+  std::printf("\nRatios of time per batch (arena / other; below 1 is faster), size 0 = mixed 8..256:\n");
+  for (const char* where : {"buffer", "chunks"}) {
+    for (const char* size : {"8", "64", "256", "0"}) {
+      const std::string suffix = std::string("/") + size;
+      const auto arena = r.ns(std::string("alloc_") + where + "_arena" + suffix);
+      const std::string label = std::string(where) + ", size " + size + ": arena / ";
+      print_goal((label + "std").c_str(), ratio(arena, r.ns(std::string("alloc_") + where + "_std" + suffix)),
+                 "", goal{1.0, true});
+      print_goal((label + "boost").c_str(),
+                 ratio(arena, r.ns(std::string("alloc_") + where + "_boost" + suffix)), "");
+    }
+  }
+  const auto reset = r.ns("unit_arena_reset");
+  print_goal("unit of work: reset+refill / std re-create", ratio(reset, r.ns("unit_std_recreate")), "",
+             goal{1.0, true});
+  print_goal("unit of work: reset+refill / boost re-create", ratio(reset, r.ns("unit_boost_recreate")), "");
+  if (reset) print_goal("reset+refill, ns per block", *reset / batch, "ns");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // glibc moves its mmap and trim thresholds as blocks come and go, so the cost of
+  // re-creating a resource depended on which benchmarks ran before. Pinned high, no
+  // chunk is ever mmapped or trimmed away: the cheapest case for re-creation.
+  mallopt(M_MMAP_THRESHOLD, 64 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
+  memshuffle::bench::goal_reporter reporter(memshuffle::bench::goal_reporter::options_from(argc, argv));
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  print_goals(reporter);
+  benchmark::Shutdown();
+  return 0;
+}
