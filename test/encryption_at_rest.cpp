@@ -320,6 +320,32 @@ TEST_CASE("key rotation, random and fixed, keeps every value, also with leases o
   }
 }
 
+TEST_CASE("a fresh entry reads as zeros without a decryption") {
+  for (auto kind : ciphers) {
+    CAPTURE(name(kind));
+    shuffler s({.cipher = kind});
+    const handle h = s.alloc<std::byte>(100);
+    CHECK(get(s, h) == bytes(100));
+    CHECK(s.stats().decryptions == 0);
+    CHECK(s.stats().encryptions == 1);   // sealed on its return
+    CHECK(get(s, h) == bytes(100));
+    CHECK(s.stats().decryptions == 1);
+  }
+}
+
+TEST_CASE("automatic key rotation after N encryptions keeps every value") {
+  for (auto kind : ciphers) {
+    CAPTURE(name(kind));
+    shuffler s({.cipher = kind, .rotate_key_every = 10});
+    std::vector<handle> hs;
+    for (int i = 0; i < 8; ++i) hs.push_back(s.alloc<std::byte>(32));
+    for (int round = 0; round < 5; ++round)
+      for (int i = 0; i < 8; ++i) put(s, hs[static_cast<std::size_t>(i)], marker(i + 100 * round));
+    CHECK(s.stats().key_rotations >= 3);
+    for (int i = 0; i < 8; ++i) CHECK(get(s, hs[static_cast<std::size_t>(i)]) == marker(i + 400));
+  }
+}
+
 TEST_CASE("the key is nowhere in upstream memory, during use or after destruction") {
   // Keys live in Crypto++ SecBlocks, not in the arenas; this checks at least that no
   // copy of a known key reaches the memory the upstream handed out.
