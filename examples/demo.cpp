@@ -124,6 +124,7 @@ void print_footprint(const char* when, const shuffler_stats& s, const tracking_s
 
 void shuffler_basics() {
   heading("2. The shuffler: handles, leases, relocation, compaction");
+  std::printf("(cipher none in this part, so the bytes are plain; part 3 turns encryption on)\n");
   tracking_resource upstream(std::pmr::new_delete_resource());
   shuffler s({.cipher = cipher_kind::none}, &upstream);
 
