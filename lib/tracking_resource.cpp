@@ -143,8 +143,17 @@ struct tracking_resource::state {
     return std::find(recently_freed.begin(), recently_freed.end(), p) != recently_freed.end();
   }
 
-  void record_bad(bad_deallocation_kind kind, const void* p, std::size_t bytes,
-                  std::size_t alignment, const allocation_record* block) noexcept {
+  // Out of line: keeps the common path of do_deallocate short.
+  [[gnu::cold, gnu::noinline]] void record_bad(const void* p, std::size_t bytes,
+                                               std::size_t alignment,
+                                               const allocation_record* block) noexcept {
+    bad_deallocation_kind kind = bad_deallocation_kind::unknown_pointer;
+    if (block == nullptr) {
+      if (was_freed(p)) kind = bad_deallocation_kind::double_free;
+    } else {
+      kind = block->bytes != bytes ? bad_deallocation_kind::wrong_size
+                                   : bad_deallocation_kind::wrong_alignment;
+    }
     ++stats.bad_deallocations;
     if (bad.size() >= max_bad_records) return;
     try {
@@ -152,6 +161,20 @@ struct tracking_resource::state {
     } catch (const std::bad_alloc&) {
       // Still counted; only the detail is lost.
     }
+  }
+
+  // Quarantines a freed block; false when there is no room to remember it (then the
+  // caller gives it back rather than lose it).
+  [[gnu::noinline]] bool hold(void* p, std::size_t upstream_bytes, std::size_t alignment) noexcept {
+    try {
+      quarantine.push_back({p, upstream_bytes, alignment});
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+    ++stats.quarantined_allocations;
+    stats.quarantined_bytes += upstream_bytes;
+    poison(p, upstream_bytes);
+    return true;
   }
 };
 
@@ -186,7 +209,8 @@ void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
   st.total_bytes += bytes;
   st.peak_bytes = std::max(st.peak_bytes, st.current_bytes);
   st.peak_allocations = std::max(st.peak_allocations, st.current_allocations);
-  if (options_.fill_on_allocate) std::memset(p, std::to_integer<int>(*options_.fill_on_allocate), bytes);
+  if (options_.fill_on_allocate) [[unlikely]]
+    std::memset(p, std::to_integer<int>(*options_.fill_on_allocate), bytes);
   return p;
 }
 
@@ -194,16 +218,8 @@ void tracking_resource::do_deallocate(void* p, std::size_t bytes, std::size_t al
   auto& s = *state_;
   auto lock = s.lock(options_.thread_safe);
   allocation_record* r = s.live.find(p);
-  if (r == nullptr) {
-    s.record_bad(s.was_freed(p) ? bad_deallocation_kind::double_free
-                                : bad_deallocation_kind::unknown_pointer,
-                 p, bytes, alignment, nullptr);
-    return;
-  }
-  if (r->bytes != bytes || r->alignment != alignment) {
-    s.record_bad(r->bytes != bytes ? bad_deallocation_kind::wrong_size
-                                   : bad_deallocation_kind::wrong_alignment,
-                 p, bytes, alignment, r);
+  if (r == nullptr || r->bytes != bytes || r->alignment != alignment) [[unlikely]] {
+    s.record_bad(p, bytes, alignment, r);
     return;
   }
   s.live.erase(r);
@@ -214,17 +230,9 @@ void tracking_resource::do_deallocate(void* p, std::size_t bytes, std::size_t al
   s.recently_freed[s.recently_freed_next++ % s.recently_freed.size()] = p;
 
   const std::size_t upstream_bytes = bytes == 0 ? 1 : bytes;
-  if (options_.wipe_on_deallocate) explicit_bzero(p, bytes);
-  if (options_.quarantine) {
-    try {
-      s.quarantine.push_back({p, upstream_bytes, alignment});
-      ++st.quarantined_allocations;
-      st.quarantined_bytes += bytes;
-      poison(p, upstream_bytes);
-      return;
-    } catch (const std::bad_alloc&) {
-      // No room to remember it: give it back rather than lose it.
-    }
+  if (options_.wipe_on_deallocate || options_.quarantine) [[unlikely]] {
+    if (options_.wipe_on_deallocate) explicit_bzero(p, bytes);
+    if (options_.quarantine && s.hold(p, upstream_bytes, alignment)) return;
   }
   upstream_->deallocate(p, upstream_bytes, alignment);
 }
