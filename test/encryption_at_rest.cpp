@@ -393,8 +393,8 @@ TEST_CASE("with a plaintext window the secret never touches upstream memory, not
 TEST_CASE("thousands of secrets at rest in ordinary memory need only a 64 KiB mlock budget for the window") {
   // In a child whose RLIMIT_MEMLOCK is 64 KiB (root's CAP_IPC_LOCK dropped): 5000
   // secrets, 8 rented at a time through a secure_page_resource window, never a refused
-  // lock and never more than 64 KiB locked. (Under the address sanitizer mlock is a
-  // no-op, so only the accounting is checked there.)
+  // lock and never more than 64 KiB locked. (Under the address and thread sanitizers
+  // mlock is a no-op, so only the accounting is checked there.)
   static constexpr std::size_t budget = 64 * 1024, secrets = 5000, at_once = 8;
   const int status = memshuffle::testing::run_in_child([] {
     if (!memshuffle::testing::limit_memlock(budget)) return false;

@@ -9,17 +9,19 @@
 #include <unistd.h>
 
 #include <cstddef>
+#include <cstdio>
 #include <cstdlib>
+#include <iostream>
 #include <string>
 
 namespace memshuffle::testing {
 
-// The address sanitizer replaces mlock with a no-op that reports success, so tests of
-// refused locking cannot run under it.
-#if defined(__SANITIZE_ADDRESS__)
+// The address and thread sanitizers replace mlock with a no-op that reports success,
+// so tests of refused locking cannot run under them.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 inline constexpr bool mlock_is_real = false;
 #elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
 inline constexpr bool mlock_is_real = false;
 #else
 inline constexpr bool mlock_is_real = true;
@@ -32,6 +34,10 @@ inline constexpr bool mlock_is_real = true;
 // true, 1 when it returns false, 2 when it throws; it never returns into the test.
 template <class F>
 int run_in_child(F&& fn) {
+  // Output still buffered would otherwise be written twice, once by the child.
+  std::cout.flush();
+  std::cerr.flush();
+  std::fflush(nullptr);
   const pid_t pid = ::fork();
   if (pid == 0) {
     int code = 2;
