@@ -12,6 +12,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 using memshuffle::bad_deallocation_kind;
 using memshuffle::tracking_options;
 using memshuffle::tracking_resource;
@@ -265,6 +269,20 @@ TEST_CASE("quarantine keeps freed blocks from the upstream until it is released"
   }
   check_upstream_clean(upstream);
 }
+
+#if defined(__SANITIZE_ADDRESS__)
+TEST_CASE("under AddressSanitizer quarantined memory is poisoned until it is released") {
+  recording_resource upstream;
+  tracking_resource tracking({.quarantine = true}, &upstream);
+  void* p = tracking.allocate(64, 8);
+  CHECK_FALSE(__asan_address_is_poisoned(p));
+  tracking.deallocate(p, 64, 8);
+  CHECK(__asan_address_is_poisoned(p));
+  CHECK(__asan_address_is_poisoned(static_cast<char*>(p) + 63));
+  tracking.release_quarantine();
+  CHECK(upstream.outstanding() == 0);
+}
+#endif
 
 TEST_CASE("a double free of a quarantined block is caught") {
   recording_resource upstream;
