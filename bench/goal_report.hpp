@@ -29,8 +29,9 @@ class goal_reporter : public benchmark::ConsoleReporter {
   explicit goal_reporter(OutputOptions o) : ConsoleReporter(o) {}
 
   void ReportRuns(const std::vector<Run>& runs) override {
+    // With repetitions, the median stands for the benchmark.
     for (const auto& r : runs)
-      if (!r.error_occurred && r.run_type == Run::RT_Iteration)
+      if (!r.error_occurred && (r.run_type == Run::RT_Iteration || r.aggregate_name == "median"))
         runs_[r.run_name.function_name + (r.run_name.args.empty() ? "" : "/" + r.run_name.args)] = r;
     ConsoleReporter::ReportRuns(runs);
   }

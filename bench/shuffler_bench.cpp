@@ -26,6 +26,9 @@ using memshuffle::shuffler_options;
 
 shuffler_options plain() { return {.cipher = cipher_kind::none}; }
 
+// The machine is shared: each benchmark runs 5 times and the median counts.
+void repeated(benchmark::internal::Benchmark* b) { b->Repetitions(5)->ReportAggregatesOnly(true); }
+
 void BM_rent_return_64B(benchmark::State& state) {
   shuffler s(plain());
   handle h = s.alloc<std::byte>(small_entry);
@@ -34,7 +37,7 @@ void BM_rent_return_64B(benchmark::State& state) {
     benchmark::DoNotOptimize(lease.get());
   }
 }
-BENCHMARK(BM_rent_return_64B);
+BENCHMARK(BM_rent_return_64B)->Apply(repeated);
 
 // A freed entry is dropped at the next shuffle, so that shuffle is part of the price
 // of free: one every frees_per_shuffle pairs, timed with them.
@@ -48,7 +51,7 @@ void BM_alloc_free_64B(benchmark::State& state) {
     if (++n % frees_per_shuffle == 0) s.shuffle();
   }
 }
-BENCHMARK(BM_alloc_free_64B);
+BENCHMARK(BM_alloc_free_64B)->Apply(repeated);
 
 // Baseline: std's thread-safe pool (the shuffler is thread safe too).
 void BM_std_sync_pool_alloc_free_64B(benchmark::State& state) {
@@ -59,7 +62,7 @@ void BM_std_sync_pool_alloc_free_64B(benchmark::State& state) {
     pool.deallocate(p, small_entry);
   }
 }
-BENCHMARK(BM_std_sync_pool_alloc_free_64B);
+BENCHMARK(BM_std_sync_pool_alloc_free_64B)->Apply(repeated);
 
 // Baselines for shuffle bandwidth: one memcpy of the whole heap into memory already
 // touched, the best a move of every byte can do; and the same plus wiping what was
@@ -75,8 +78,8 @@ void memcpy_baseline(benchmark::State& state, bool wipe) {
 }
 void BM_memcpy_64MiB(benchmark::State& state) { memcpy_baseline(state, false); }
 void BM_memcpy_and_wipe_64MiB(benchmark::State& state) { memcpy_baseline(state, true); }
-BENCHMARK(BM_memcpy_64MiB)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_memcpy_and_wipe_64MiB)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_memcpy_64MiB)->Apply(repeated)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_memcpy_and_wipe_64MiB)->Apply(repeated)->Unit(benchmark::kMillisecond);
 
 // Fills a shuffler with count entries of bytes each, every one written once, and
 // shuffles once untimed: the timed shuffles then see a steady heap, whose arenas
@@ -101,7 +104,7 @@ void BM_shuffle_64MiB_in_4KiB(benchmark::State& state) {
   for (auto _ : state) s.shuffle();
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * big_heap));
 }
-BENCHMARK(BM_shuffle_64MiB_in_4KiB)->ArgName("random")->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_shuffle_64MiB_in_4KiB)->Apply(repeated)->ArgName("random")->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond);
 
 void BM_shuffle_1M_64B(benchmark::State& state) {
   shuffler s(layout(state));
@@ -110,7 +113,7 @@ void BM_shuffle_1M_64B(benchmark::State& state) {
   state.counters["ns_per_entry"] = benchmark::Counter(
       double(many_entries), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
-BENCHMARK(BM_shuffle_1M_64B)->ArgName("random")->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_shuffle_1M_64B)->Apply(repeated)->ArgName("random")->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 
