@@ -13,7 +13,7 @@
 #include <cstring>
 #include <mutex>
 #include <optional>
-#include <random>
+#include <bit>
 #include <stdexcept>
 #include <vector>
 
@@ -74,6 +74,41 @@ std::array<std::byte, 8> be64(std::uint64_t v) {
   return out;
 }
 
+// xoshiro256** (Blackman and Vigna): the layout only needs to be unpredictable enough
+// to spread entries, and it is drawn once per entry per shuffle, so speed matters.
+class layout_rng {
+ public:
+  explicit layout_rng(std::uint64_t seed) {
+    for (auto& w : s_) {  // splitmix64 expands the seed
+      seed += 0x9E3779B97F4A7C15;
+      std::uint64_t z = seed;
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EB;
+      w = z ^ (z >> 31);
+    }
+  }
+  std::uint64_t operator()() noexcept {
+    const std::uint64_t result = std::rotl(s_[1] * 5, 7) * 9;
+    const std::uint64_t t = s_[1] << 17;
+    s_[2] ^= s_[0], s_[3] ^= s_[1], s_[1] ^= s_[2], s_[0] ^= s_[3];
+    s_[2] ^= t;
+    s_[3] = std::rotl(s_[3], 45);
+    return result;
+  }
+
+ private:
+  std::uint64_t s_[4];
+};
+
+// A number below bound (< 2^32), by multiply-shift instead of a division.
+std::size_t bounded(layout_rng& rng, std::size_t bound) {
+  return static_cast<std::size_t>(((rng() & 0xFFFF'FFFF) * bound) >> 32);
+}
+
+void shuffle_order(std::vector<std::uint32_t>& v, layout_rng& rng) {
+  for (std::size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[bounded(rng, i)]);
+}
+
 std::span<const std::byte> iv_for(const key_slot& k, const std::array<std::byte, 16>& block) {
   return k.c.kind() == cipher_kind::aes_256_gcm ? std::span(block).first(cipher::gcm_nonce_size)
                                                  : std::span(block);
@@ -116,7 +151,7 @@ struct shuffler::impl {
   detail::heap heap;
   std::vector<std::unique_ptr<key_slot>> keys;
   std::uint16_t current_key = no_key;
-  std::mt19937_64 rng;
+  layout_rng rng;
 
   // The incremental pass under way.
   struct pass_state {
@@ -128,6 +163,12 @@ struct shuffler::impl {
 
   // Reused between shuffles so a steady heap does not allocate for them.
   std::vector<std::uint32_t> moves, doomed;
+  struct move_item {
+    std::byte* src;
+    std::size_t bytes;
+    std::uint32_t index, align_log2;
+  };
+  std::vector<move_item> items, ordered;
   std::vector<std::byte*> stays, dest;
   std::vector<detail::request> reqs;
   std::vector<detail::region> left;
@@ -241,30 +282,50 @@ struct shuffler::impl {
 
   void shuffle_all() {
     const auto t0 = std::chrono::steady_clock::now();
-    moves.clear(), doomed.clear(), stays.clear(), left.clear(), reqs.clear();
+    items.clear(), doomed.clear(), stays.clear(), left.clear(), reqs.clear();
+    // Slots are read in order; the random layout is a permutation of positions, small
+    // enough to stay in cache, and the entries are then fetched ahead of their use.
     for (std::uint32_t i = 0; i < table.slots(); ++i) {
       const entry& e = table[i];
       switch (e.st()) {
-        case entry_state::at_rest: moves.push_back(i); break;
+        case entry_state::at_rest:
+          items.push_back({e.data, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)});
+          break;
         case entry_state::doomed: doomed.push_back(i); break;
         case entry_state::unused: break;
         default: stays.push_back(e.data); break;  // pinned or in transition
       }
     }
-    if (opt.randomize_layout) std::shuffle(moves.begin(), moves.end(), rng);
-    for (std::uint32_t i : moves) reqs.push_back({stored_bytes(table[i]), table[i].alignment()});
-    dest.resize(moves.size());
-    left.reserve(moves.size() + doomed.size());
+    constexpr std::size_t ahead = 16;
+    if (opt.randomize_layout) {
+      moves.resize(items.size());
+      for (std::uint32_t k = 0; k < moves.size(); ++k) moves[k] = k;
+      shuffle_order(moves, rng);
+      ordered.clear();
+      ordered.reserve(items.size());
+      for (std::size_t k = 0; k < moves.size(); ++k) {
+        if (k + ahead < moves.size()) __builtin_prefetch(&items[moves[k + ahead]]);
+        ordered.push_back(items[moves[k]]);
+      }
+      items.swap(ordered);
+    }
+    for (const move_item& m : items) reqs.push_back({m.bytes, std::size_t{1} << m.align_log2});
+    dest.resize(items.size());
+    left.reserve(items.size() + doomed.size());
     const std::uint64_t serial = heap.next_serial();
     heap.place_all(reqs, dest, true);  // the only step that can fail; nothing changed yet
 
-    for (std::size_t k = 0; k < moves.size(); ++k) {
-      entry& e = table[moves[k]];
-      const std::size_t n = stored_bytes(e);
-      std::memcpy(dest[k], e.data, n);
-      left.push_back({e.data, n});
-      e.data = dest[k];
-      bytes_moved += n;
+    // In random order every source and every slot is a cache miss: ask for them early.
+    for (std::size_t k = 0; k < items.size(); ++k) {
+      if (k + ahead < items.size()) {
+        __builtin_prefetch(items[k + ahead].src);
+        __builtin_prefetch(&table[items[k + ahead].index], 1);
+      }
+      const move_item& m = items[k];
+      std::memcpy(dest[k], m.src, m.bytes);
+      left.push_back({m.src, m.bytes});
+      table[m.index].data = dest[k];
+      bytes_moved += m.bytes;
     }
     for (std::uint32_t i : doomed) {
       left.push_back({table[i].data, stored_bytes(table[i])});
@@ -286,7 +347,7 @@ struct shuffler::impl {
     if (starting) {
       for (std::uint32_t i = 0; i < table.slots(); ++i)
         if (table[i].live()) order.push_back(i);
-      if (opt.randomize_layout) std::shuffle(order.begin(), order.end(), rng);
+      if (opt.randomize_layout) shuffle_order(order, rng);
       serial = heap.next_serial();
       cursor = 0;
     }
