@@ -207,8 +207,13 @@ struct shuffler::impl {
   }
 
   void drop_user(std::uint16_t id) noexcept {
-    key_slot& k = *keys[id];
-    if (--k.users == 0 && k.sealing == 0 && id != current_key) keys[id].reset();  // wipes it
+    --keys[id]->users;
+    drop_if_unused(id);
+  }
+  // A key that is not current and that no entry needs any more is destroyed (wiped).
+  void drop_if_unused(std::uint16_t id) noexcept {
+    const key_slot& k = *keys[id];
+    if (k.users == 0 && k.sealing == 0 && id != current_key) keys[id].reset();
   }
 
   // --- entries ------------------------------------------------------------------------
@@ -418,8 +423,10 @@ struct shuffler::impl {
     for (std::uint32_t i = 0; i < table.slots(); ++i)
       if (table[i].live() && table[i].written) largest = std::max(largest, stored_bytes(table[i]));
     CryptoPP::SecByteBlock scratch(largest);  // wiped when it ends
-    current_key = add_key(key, salt);         // the last step that can fail before any change
+    const std::uint16_t previous = current_key;
+    current_key = add_key(key, salt);  // the last step that can fail before any change
     ++key_rotations;
+    drop_if_unused(previous);
     if (!encrypting) return;
     // Encryptions already under way under an older key finish first.
     cv.wait(lk, [&] {
@@ -427,7 +434,9 @@ struct shuffler::impl {
         if (keys[k] && k != current_key && keys[k]->sealing != 0) return false;
       return true;
     });
-    const std::uint16_t to = current_key;
+    const std::uint16_t to = current_key;  // a rotation during the wait may have moved it on
+    for (std::size_t k = 0; k < keys.size(); ++k)
+      if (keys[k]) drop_if_unused(static_cast<std::uint16_t>(k));
     for (std::uint32_t i = 0; i < table.slots(); ++i) {
       entry& e = table[i];
       if (e.st() != entry_state::at_rest || !e.written || e.key == to) continue;

@@ -373,6 +373,80 @@ TEST_CASE("nested leases count: the entry stays pinned until the last one ends")
   s.free(h);
 }
 
+TEST_CASE("the rented type is checked against the entry's size and alignment") {
+  shuffler s;
+  const handle small = s.alloc<std::uint32_t>(1);
+  const handle bytes = s.alloc<std::byte>(64);
+  CHECK_THROWS_AS(s.rent<std::uint64_t>(small), type_error);  // 8 > 4 bytes
+  CHECK_THROWS_AS(s.rent<u128>(bytes), type_error);           // aligned to 1, not 16
+  CHECK_THROWS_AS(s.rent<double>(bytes), type_error);
+  CHECK_THROWS_AS(s.rent_pointer<std::uint64_t*>(small), type_error);
+  CHECK(s.stats().pinned_entries == 0);  // no failed rent pinned anything
+  CHECK(s.rent<std::uint16_t>(small).size() == 2);  // smaller and less aligned is fine
+  CHECK(s.rent<char>(bytes).size() == 64);
+}
+
+TEST_CASE("encryptions and decryptions are counted exactly and never-written entries are not decrypted") {
+  for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+    CAPTURE(static_cast<int>(c));
+    shuffler s({.cipher = c});
+    const handle h = s.alloc<std::uint64_t>(4);
+    CHECK(s.stats().encryptions == 0);
+    s.rent<std::uint64_t>(h).span()[1] = 3;  // fresh: zeroed, not decrypted
+    CHECK(s.stats().decryptions == 0);
+    CHECK(s.stats().encryptions == 1);
+    {
+      auto a = s.rent<std::uint64_t>(h);
+      auto b = s.rent<std::uint64_t>(h);  // nested: no second decryption
+      CHECK(a.span()[1] == 3);
+    }
+    CHECK(s.stats().decryptions == 1);
+    CHECK(s.stats().encryptions == 2);
+    s.shuffle();  // moves copy ciphertext as it is
+    CHECK(s.stats().encryptions == 2);
+    s.rotate_key();  // one re-encryption for the one entry
+    CHECK(s.stats().decryptions == 2);
+    CHECK(s.stats().encryptions == 3);
+    CHECK(s.stats().key_rotations == 1);
+    CHECK(s.rent<std::uint64_t>(h).span()[1] == 3);
+  }
+}
+
+TEST_CASE("rotate_key_every rotates to a fresh key after that many encryptions, data intact") {
+  shuffler s({.cipher = cipher_kind::aes_256_gcm, .rotate_key_every = 5});
+  std::vector<handle> hs;
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    hs.push_back(s.create<std::uint64_t>());
+    *s.rent<std::uint64_t>(hs.back()) = i;
+  }
+  CHECK(s.stats().key_rotations == 0);
+  *s.rent<std::uint64_t>(hs[0]) = 10;  // the fifth encryption
+  CHECK(s.stats().key_rotations == 1);
+  for (std::uint64_t i = 1; i < 4; ++i) CHECK(*s.rent<std::uint64_t>(hs[i]) == i);
+  CHECK(*s.rent<std::uint64_t>(hs[0]) == 10);
+}
+
+TEST_CASE("key rotation with leases open re-encrypts the rented entries when they return") {
+  for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+    CAPTURE(static_cast<int>(c));
+    shuffler s({.cipher = c});
+    const handle a = s.create<std::uint64_t>();
+    const handle b = s.create<std::uint64_t>();
+    *s.rent<std::uint64_t>(a) = 1;
+    *s.rent<std::uint64_t>(b) = 2;
+    auto held = s.rent<std::uint64_t>(a);
+    const auto enc = s.stats().encryptions;
+    s.rotate_key(key_type{std::byte{1}}, salt_type{std::byte{2}});
+    CHECK(s.stats().encryptions == enc + 1);  // b only
+    *held = 5;
+    held.reset();
+    CHECK(s.stats().encryptions == enc + 2);
+    s.rotate_key();
+    CHECK(*s.rent<std::uint64_t>(a) == 5);
+    CHECK(*s.rent<std::uint64_t>(b) == 2);
+  }
+}
+
 TEST_CASE("a lease spans size_of(h) / sizeof(T) elements") {
   shuffler s;
   const handle h = s.alloc<std::byte>(20);
