@@ -335,7 +335,8 @@ class resource_fuzz {
     ++direct_model_.total_deallocations;
     if (direct_.options().quarantine) {
       ++direct_model_.quarantined.first;
-      direct_model_.quarantined.second += b.bytes;
+      // What the quarantine holds from the upstream: a zero-byte block took one byte.
+      direct_model_.quarantined.second += std::max<std::size_t>(b.bytes, 1);
     }
   }
 
