@@ -12,7 +12,6 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
-#include <optional>
 #include <bit>
 #include <stdexcept>
 #include <vector>
@@ -126,7 +125,7 @@ struct shuffler::impl {
         table(next_tag()),
         heap(up, o.arena_size),
         rng(random_u64()) {
-    current_key = add_key(o.key, o.salt);
+    current_key = add_key(o.key ? &*o.key : nullptr, o.salt ? &*o.salt : nullptr);
     if (opt.key) secure_wipe(opt.key->data(), opt.key->size());
     opt.key.reset();
   }
@@ -189,7 +188,8 @@ struct shuffler::impl {
 
   // --- keys -------------------------------------------------------------------------
 
-  std::uint16_t add_key(const std::optional<key_type>& key, const std::optional<salt_type>& salt) {
+  // Null key or salt: a random one. (Pointers, so no copy of a key is left behind.)
+  std::uint16_t add_key(const key_type* key, const salt_type* salt) {
     CryptoPP::SecByteBlock k(cipher::key_size), s(sizeof(salt_type));
     if (key) std::memcpy(k.data(), key->data(), k.size());
     else os_random(std::as_writable_bytes(std::span(k.data(), k.size())));
@@ -417,7 +417,7 @@ struct shuffler::impl {
 
   // --- rotation -----------------------------------------------------------------------
 
-  void rotate(const std::optional<key_type>& key, const std::optional<salt_type>& salt,
+  void rotate(const key_type* key, const salt_type* salt,
               std::unique_lock<std::mutex>& lk) {
     std::size_t largest = 0;
     for (std::uint32_t i = 0; i < table.slots(); ++i)
@@ -473,7 +473,7 @@ struct shuffler::impl {
   void maybe_rotate(std::unique_lock<std::mutex>& lk) noexcept {
     if (opt.rotate_key_every == 0 || keys[current_key]->encryptions < opt.rotate_key_every) return;
     try {
-      rotate(std::nullopt, std::nullopt, lk);
+      rotate(nullptr, nullptr, lk);
     } catch (...) {
       // Tried again after the next encryption.
     }
@@ -790,12 +790,12 @@ void shuffler::set_shuffle_on_borrow_return(bool on) {
 
 void shuffler::rotate_key() {
   std::unique_lock lk(impl_->m);
-  impl_->rotate(std::nullopt, std::nullopt, lk);
+  impl_->rotate(nullptr, nullptr, lk);
 }
 
 void shuffler::rotate_key(const key_type& key, const salt_type& salt) {
   std::unique_lock lk(impl_->m);
-  impl_->rotate(key, salt, lk);
+  impl_->rotate(&key, &salt, lk);
 }
 
 shuffler_stats shuffler::stats() const {
