@@ -7,6 +7,12 @@
 
 namespace memshuffle::detail {
 
+namespace {
+// The arena_resource keeps a small header at the end of its chunk; this bounds it from
+// above. If it were ever larger, the arena's refusal still catches the overflow.
+constexpr std::size_t chunk_header_allowance = 64;
+}  // namespace
+
 // One arena: its arena_resource draws exactly one chunk through this adaptor, which
 // refuses any further chunk (the heap then opens another arena), indexes the chunk so
 // an entry's arena can be found from its address, and wipes it before giving it back.
@@ -26,6 +32,9 @@ class heap::arena final : public std::pmr::memory_resource {
   std::size_t entries = 0;   // entries whose bytes lie here
   bool refused = false;      // the last allocation failed because the arena is full
   bool has_chunk = false;
+  // Where the next placement would start, and a bound on the chunk's usable end, so a
+  // placement that cannot fit goes to the next arena without the cost of a refusal.
+  std::uintptr_t base = 0, top = 0, limit = 0;
   arena_resource res;
 
  protected:
@@ -43,6 +52,8 @@ class heap::arena final : public std::pmr::memory_resource {
                                    [](const chunk_ref& x, const chunk_ref& y) { return x.begin < y.begin; }),
                   ref);
     has_chunk = true;
+    base = top = b;
+    limit = b + bytes - std::min<std::size_t>(bytes, chunk_header_allowance);
     owner_.reserved_ += bytes;
     return p;
   }
@@ -79,19 +90,27 @@ heap::arena& heap::open_arena(std::size_t capacity) {
 }
 
 void* heap::try_place(arena& a, const request& r) {
+  if (a.has_chunk) {
+    const std::uintptr_t at = (a.top + r.alignment - 1) & ~(r.alignment - 1);
+    if (at < a.top || at > a.limit || a.limit - at < r.bytes) return nullptr;  // full
+  }
   a.refused = false;
+  void* p = nullptr;
   try {
-    return a.res.allocate(r.bytes, r.alignment);
+    p = a.res.allocate(r.bytes, r.alignment);
   } catch (const std::bad_alloc&) {
     if (a.refused) return nullptr;  // full; the arena is as before
     throw;                          // the upstream failed
   }
+  a.top = reinterpret_cast<std::uintptr_t>(p) + r.bytes;
+  return p;
 }
 
 void heap::place_all(std::span<const request> in, std::span<std::byte*> out, bool fresh) {
   arena* const before = current_;
   const std::size_t arenas_before = arenas_.size();
   const arena_marker mark = before != nullptr ? before->res.mark() : arena_marker{};
+  const std::uintptr_t top_before = before != nullptr ? before->top : 0;
   std::size_t placed_before = 0;  // placed in the arena that was being filled
   if (fresh) current_ = nullptr;
   try {
@@ -124,6 +143,7 @@ void heap::place_all(std::span<const request> in, std::span<std::byte*> out, boo
     }
     if (before != nullptr) {
       before->res.rewind(mark);
+      before->top = top_before;
       before->entries -= placed_before;
     }
     current_ = before;
@@ -173,6 +193,7 @@ void heap::vacate(std::byte* p, std::size_t bytes) noexcept {
   if (a == current_) {
     // Empty but being filled: start it over (placement unpoisons what it hands out).
     a->res.reset();
+    a->top = a->base;
   } else {
     release(*a);
   }
