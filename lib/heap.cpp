@@ -63,7 +63,8 @@ class heap::arena final : public std::pmr::memory_resource {
     secure_wipe(p, bytes);
     auto& chunks = owner_.chunks_;
     const auto b = reinterpret_cast<std::uintptr_t>(p);
-    chunks.erase(std::find_if(chunks.begin(), chunks.end(), [&](const chunk_ref& c) { return c.begin == b; }));
+    chunks.erase(std::lower_bound(chunks.begin(), chunks.end(), b,
+                                  [](const chunk_ref& c, std::uintptr_t x) { return c.begin < x; }));
     has_chunk = false;
     owner_.reserved_ -= bytes;
     owner_.upstream_->deallocate(p, bytes, alignment);
