@@ -263,12 +263,19 @@ struct shuffler::impl {
   }
 
   void check_ratio() noexcept {
+    // Live bytes as stored, GCM tags included: no layout can hold less than that.
+    const std::size_t stored = live_bytes + live_entries * tag_bytes;
     const double reserved = static_cast<double>(heap.reserved_bytes());
     // Slack of an arena or two (the one being filled, the ends of full ones) is what any
     // layout has; a shuffle could not remove it, so it never triggers one.
-    if (opt.shuffle_above_ratio > 0 && reserved > opt.shuffle_above_ratio * static_cast<double>(live_bytes) &&
-        heap.reserved_bytes() > live_bytes + 2 * heap.arena_size())
-      try_shuffle();
+    if (opt.shuffle_above_ratio > 0 && reserved > opt.shuffle_above_ratio * static_cast<double>(stored) &&
+        heap.reserved_bytes() > stored + 2 * heap.arena_size()) {
+      try {
+        compact();
+      } catch (...) {
+        // Each step is whole: without memory the compaction stops where it got to.
+      }
+    }
   }
 
   void try_shuffle() noexcept {
@@ -339,6 +346,49 @@ struct shuffler::impl {
     pending_free -= doomed.size();
     heap.retire_older(serial, stays, left);
     pass.active = false;
+    ++shuffles;
+    timed(t0);
+  }
+
+  // The ratio policy's compaction: entries move in address order, an arena's worth at a
+  // time (in random order within that window when randomize_layout), and each source
+  // arena goes back as soon as it is empty. So the heap never holds old and new copies
+  // of everything at once, as a full shuffle does; each step is all or nothing.
+  void compact() {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (std::uint32_t i = 0; i < table.slots(); ++i) {
+      if (table[i].st() != entry_state::doomed) continue;
+      heap.vacate(table[i].data, stored_bytes(table[i]));
+      table.recycle(i);
+      --pending_free;
+    }
+    items.clear();
+    for (std::uint32_t i = 0; i < table.slots(); ++i) {
+      const entry& e = table[i];
+      if (e.st() == entry_state::at_rest)
+        items.push_back({e.data, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)});
+    }
+    std::sort(items.begin(), items.end(), [](const move_item& x, const move_item& y) { return x.src < y.src; });
+    const std::uint64_t serial = heap.next_serial();
+    for (std::size_t first = 0; first < items.size();) {
+      std::size_t last = first, window = 0;
+      while (last < items.size() && (window < heap.arena_size() || last == first)) window += items[last++].bytes;
+      const std::span<move_item> batch(items.data() + first, last - first);
+      if (opt.randomize_layout)
+        for (std::size_t k = batch.size(); k > 1; --k) std::swap(batch[k - 1], batch[bounded(rng, k)]);
+      reqs.clear();
+      for (const move_item& m : batch) reqs.push_back({m.bytes, std::size_t{1} << m.align_log2});
+      dest.resize(batch.size());
+      heap.place_all(reqs, dest, first == 0);  // the first batch opens a fresh arena
+      for (std::size_t k = 0; k < batch.size(); ++k) {
+        std::memcpy(dest[k], batch[k].src, batch[k].bytes);
+        heap.vacate(batch[k].src, batch[k].bytes);
+        table[batch[k].index].data = dest[k];
+        bytes_moved += batch[k].bytes;
+      }
+      first = last;
+    }
+    heap.release_empty_older(serial);
     ++shuffles;
     timed(t0);
   }

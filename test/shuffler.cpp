@@ -675,6 +675,30 @@ TEST_CASE("shuffle_above_ratio compacts once reserved bytes outgrow live bytes")
   CHECK(static_cast<double>(st.reserved_bytes) <= 1.5 * static_cast<double>(st.live_bytes) + arena);
 }
 
+TEST_CASE("the ratio policy compacts arena by arena, never holding two copies of the heap") {
+  const std::size_t arena = 4096;
+  tracking_resource track;
+  shuffler s({.cipher = cipher_kind::aes_256_gcm, .shuffle_above_ratio = 1.5, .arena_size = arena}, &track);
+  std::vector<handle> hs;
+  for (std::uint64_t i = 0; i < 4096; ++i) {
+    hs.push_back(s.create<std::uint64_t>());
+    *s.rent<std::uint64_t>(hs.back()) = i;
+  }
+  for (std::size_t i = 0; i < hs.size(); ++i)
+    if (i % 4 != 0) s.free(hs[i]);
+  const std::size_t before = track.stats().current_bytes;
+  REQUIRE(track.stats().peak_bytes == before);  // nothing was given back so far
+  const std::size_t live = s.stats().live_bytes + 1024 * 16;  // with the GCM tags
+  s.create<int>();  // crosses the ratio
+  CHECK(s.stats().shuffles == 1);
+  // A full shuffle would have held every old arena and the new copies at once.
+  CHECK(track.stats().peak_bytes <= before + 3 * (arena + 64));
+  CHECK(track.stats().peak_bytes < before + live);
+  const auto st = s.stats();
+  CHECK(static_cast<double>(st.reserved_bytes) <= 1.5 * static_cast<double>(st.live_bytes + 16 * st.live_entries) + arena);
+  for (std::size_t i = 0; i < hs.size(); i += 4) CHECK(*s.rent<std::uint64_t>(hs[i]) == i);
+}
+
 TEST_CASE("sealed<T> frees its entry when it ends, or when the last lease on it ends") {
   shuffler s;
   handle h{};
