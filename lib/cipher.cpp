@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <vector>
 
@@ -58,9 +59,14 @@ struct cipher::impl {
     struct lease {
       pool* owner;
       std::unique_ptr<Mode> mode;
+      // Runs in destructors and noexcept paths: when the pool cannot grow, the mode
+      // object is simply dropped (and keyed afresh by a later take()).
       ~lease() {
         std::lock_guard lock(owner->m_);
-        owner->free_.push_back(std::move(mode));
+        try {
+          owner->free_.push_back(std::move(mode));
+        } catch (const std::bad_alloc&) {
+        }
       }
       Mode* operator->() const { return mode.get(); }
     };
