@@ -471,7 +471,7 @@ struct shuffler::impl {
               std::unique_lock<std::mutex>& lk) {
     std::size_t largest = 0;
     for (std::uint32_t i = 0; i < table.slots(); ++i)
-      if (table[i].live() && table[i].written) largest = std::max(largest, stored_bytes(table[i]));
+      if (table[i].live()) largest = std::max(largest, stored_bytes(table[i]));
     CryptoPP::SecByteBlock scratch(largest);  // wiped when it ends
     const std::uint16_t previous = current_key;
     current_key = add_key(key, salt);  // the last step that can fail before any change
@@ -487,6 +487,12 @@ struct shuffler::impl {
     const std::uint16_t to = current_key;  // a rotation during the wait may have moved it on
     for (std::size_t k = 0; k < keys.size(); ++k)
       if (keys[k]) drop_if_unused(static_cast<std::uint16_t>(k));
+    // Entries may have been written or created during the wait: size the scratch again.
+    std::size_t needed = 0;
+    for (std::uint32_t i = 0; i < table.slots(); ++i)
+      if (table[i].st() == entry_state::at_rest && table[i].written && table[i].key != to)
+        needed = std::max(needed, stored_bytes(table[i]));
+    if (needed > scratch.size()) scratch.CleanNew(needed);  // may throw: every entry is still readable
     for (std::uint32_t i = 0; i < table.slots(); ++i) {
       entry& e = table[i];
       if (e.st() != entry_state::at_rest || !e.written || e.key == to) continue;
