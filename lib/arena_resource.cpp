@@ -102,8 +102,9 @@ void arena_resource::free_chunks(chunk* c) noexcept {
   }
 }
 
-void arena_resource::enter(chunk* c) noexcept {
+void arena_resource::enter(chunk* c, std::uint64_t base) noexcept {
   current_ = c;
+  base_ = base;
   if (c == nullptr) {
     begin_ = cur_ = buffer_;
     end_ = buffer_ + buffer_size_;
@@ -117,17 +118,19 @@ void arena_resource::release() noexcept {
   note_peak();
   free_chunks(first_);
   first_ = nullptr;
-  enter(nullptr);
+  enter(nullptr, 0);
   next_chunk_size_ = first_chunk_size_;
   used_ = allocations_ = 0;
   ++epoch_;
+  history_.clear();
 }
 
 void arena_resource::reset() noexcept {
   note_peak();
-  enter(nullptr);
+  enter(nullptr, 0);
   used_ = allocations_ = 0;
   ++epoch_;
+  history_.clear();
 }
 
 void arena_resource::trim() noexcept {
@@ -148,9 +151,11 @@ void* arena_resource::allocate_slow(std::size_t bytes, std::size_t alignment) {
     return at >= b && at <= e && e - at >= n;
   };
 
+  // The next region starts, logically, where this one ends.
+  const std::uint64_t base = base_ + static_cast<std::uint64_t>(end_ - begin_);
   chunk* spare = current_ != nullptr ? current_->next : first_;
   if (spare != nullptr && fits(spare)) {
-    enter(spare);
+    enter(spare, base);
   } else {
     // A fresh block, aligned for the request so it fits at the block's start. Every
     // check comes before the upstream call, so a failure changes nothing.
@@ -168,7 +173,7 @@ void* arena_resource::allocate_slow(std::size_t bytes, std::size_t alignment) {
     ++chunks_;
     ++upstream_allocations_;
     next_chunk_size_ = grown(next_chunk_size_, options_.growth_factor, options_.max_chunk_size);
-    enter(c);
+    enter(c, base);
   }
   // The region now fits the request: the bump cannot fail.
   return arena_resource::do_allocate(bytes, alignment);
@@ -182,36 +187,39 @@ arena_marker arena_resource::mark() const noexcept {
   m.bytes_used_ = used_;
   m.allocations_ = allocations_;
   m.epoch_ = epoch_;
+  m.offset_ = base_ + static_cast<std::uint64_t>(cur_ - begin_);
+  m.clock_ = history_.mark(m.offset_);
   return m;
 }
 
+void arena_resource::note_pop() noexcept {
+  history_.fall_to({base_ + static_cast<std::uint64_t>(cur_ - begin_),
+                    std::numeric_limits<std::uint64_t>::max()});
+}
+
+// Only the history decides: a valid marker's chunk is still in the list at or before
+// the current one (chunks are left backwards only by falls, and trim() frees only
+// chunks after the current one), so its pointers are used only once it has passed.
 bool arena_resource::try_rewind(const arena_marker& m) noexcept {
   if (m.owner_ != this || m.epoch_ != epoch_) return false;
-  auto* target = static_cast<chunk*>(m.chunk_);
-  // The marker must lie at or before the current position: its chunk is the buffer
-  // or one of the chunks up to the current one.
-  if (target == current_) {
-    if (reinterpret_cast<std::uintptr_t>(m.position_) > reinterpret_cast<std::uintptr_t>(cur_))
-      return false;
-  } else if (target != nullptr) {
-    if (current_ == nullptr) return false;
-    chunk* c = first_;
-    while (c != target && c != current_) c = c->next;
-    if (c != target) return false;
-  }
+  const detail::marker_history::key at{m.offset_, m.clock_};
+  if (!history_.valid(m.clock_, at)) return false;
   note_peak();
-  enter(target);
+  auto* target = static_cast<chunk*>(m.chunk_);
+  enter(target, 0);
+  base_ = m.offset_ - static_cast<std::uint64_t>(m.position_ - begin_);
   cur_ = m.position_;
   used_ = m.bytes_used_;
   allocations_ = m.allocations_;
+  history_.fall_to(at);
   return true;
 }
 
 void arena_resource::rewind(const arena_marker& m) {
   if (!try_rewind(m))
     throw std::invalid_argument(
-        "arena_resource: marker from another arena, or stale (taken before a reset, release or "
-        "an earlier rewind)");
+        "arena_resource: marker from another arena, or stale (taken before a reset, a release, "
+        "a rewind to an earlier marker, or the pop of a block allocated before it)");
 }
 
 arena_stats arena_resource::stats() const noexcept {
@@ -222,5 +230,57 @@ arena_stats arena_resource::stats() const noexcept {
                      .peak_bytes_used = std::max(peak_, used_),
                      .upstream_allocations = upstream_allocations_};
 }
+
+namespace detail {
+
+// The position's logical offset rises with allocation and falls with rewinds and pops.
+// A marker taken at clock c and key k is valid iff no fall since then went below k,
+// i.e. the smallest key among the falls recorded with clock > c is >= k (the arena
+// then is at or past k too, since it only rose after the last fall). Each fall is
+// kept only while no later one is lower, so the keys increase with the clocks, and
+// the smallest key after c is the first fall with clock > c: one binary search.
+//
+// A fall gets clock clock_ + 1: it applies to every marker taken so far, none taken
+// later. A fall that no valid marker is above is not kept at all: valid markers are
+// in order of clock and of offset, so the newest one, lowered by the falls since,
+// bounds them. So a scope with no marker taken inside, a pop with none taken since the
+// block, and rewinds to one marker again and again leave the history as it was; and
+// two kept falls always have a mark between them, hence distinct clocks.
+void marker_history::fall_to(key k) noexcept {
+  if (highest_ <= k) return;
+  highest_ = k;
+  while (size_ > 0 && falls_[size_ - 1].to >= k) --size_;
+  if (size_ == capacity) merge();
+  falls_[size_++] = fall{clock_ + 1, k};
+}
+
+bool marker_history::valid(std::uint64_t clock, key k) const noexcept {
+  const fall* end = falls_ + size_;
+  const fall* after = std::upper_bound(
+      falls_, end, clock, [](std::uint64_t c, const fall& f) { return c < f.clock; });
+  return after == end || after->to >= k;
+}
+
+// Full: two neighbouring falls i, i+1 become one with the later clock and the lower
+// key. That makes the markers taken between them (after fall i, before fall i+1)
+// above the lower key look stale: a valid marker may be refused, a stale one is never
+// accepted. Of those markers only the ones at or below fall i+1 were valid. When fall
+// i+1 is a rewind whose marker was the first taken after fall i (its clock is fall i's),
+// that marker is the only one: with scopes, one that has ended. The newest such pair
+// is merged, the top fall excluded (its marker may be rewound to again). Failing that,
+// the pair below the top: with scopes, the markers between them are of scopes ended
+// inside the innermost open one (a loop's earlier iterations), while the open scopes
+// were marked before the older falls.
+void marker_history::merge() noexcept {
+  std::size_t i = size_ - 2;
+  while (i > 0 && falls_[i].to.tie != falls_[i - 1].clock) --i;
+  if (i == 0) i = size_ - 2;
+  --i;
+  falls_[i].clock = falls_[i + 1].clock;
+  std::copy(falls_ + i + 2, falls_ + size_, falls_ + i + 1);
+  --size_;
+}
+
+}  // namespace detail
 
 }  // namespace memshuffle

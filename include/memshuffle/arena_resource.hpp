@@ -9,6 +9,7 @@
 // constructor arguments and bad markers throw std::invalid_argument; a request whose
 // size cannot be represented, or an upstream failure, throws std::bad_alloc. In every
 // case the arena is left exactly as before the call.
+#include <compare>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -37,8 +38,10 @@ struct arena_stats {
 
 class arena_resource;
 
-// A position in an arena, from mark(). Valid for rewind() until the arena is reset,
-// released, or rewound to a point before it.
+// A position in an arena, from mark(). Valid for rewind() until the arena is reset or
+// released, rewound to a marker taken before it, or its position is given back by
+// deallocating the most recent block. Rewinding to it again, or to a marker taken
+// before it, is fine; markers taken after it are stale once it is rewound to.
 class arena_marker {
  private:
   friend class arena_resource;
@@ -48,7 +51,53 @@ class arena_marker {
   std::size_t bytes_used_ = 0;
   std::size_t allocations_ = 0;
   std::uint64_t epoch_ = 0;
+  std::uint64_t offset_ = 0;  // logical offset: orders positions across chunks
+  std::uint64_t clock_ = 0;   // when it was taken, among marks
 };
+
+namespace detail {
+
+// Tells stale markers from valid ones in constant space: the arena's position, as a
+// logical offset, and the times it fell. A marker is valid while the position has not
+// fallen below it since it was taken. Details in lib/arena_resource.cpp.
+class marker_history {
+ public:
+  // A position with a tie-break: a rewind to marker m falls to (offset, m's clock), so
+  // markers taken after m at the same offset are behind it; a pop falls to (offset, max).
+  struct key {
+    std::uint64_t offset;
+    std::uint64_t tie;
+    auto operator<=>(const key&) const = default;
+  };
+
+  // The new marker's clock.
+  std::uint64_t mark(std::uint64_t offset) noexcept {
+    ++clock_;
+    highest_ = key{offset, clock_};
+    return clock_;
+  }
+  void fall_to(key k) noexcept;
+  bool valid(std::uint64_t clock, key k) const noexcept;
+  void clear() noexcept {
+    size_ = 0;
+    highest_ = key{0, 0};
+  }
+
+ private:
+  struct fall {
+    std::uint64_t clock;  // the first mark clock it does not apply to
+    key to;
+  };
+  static constexpr std::size_t capacity = 32;
+  void merge() noexcept;
+
+  std::uint64_t clock_ = 0;
+  key highest_{0, 0};  // no valid marker is above it
+  std::size_t size_ = 0;
+  fall falls_[capacity];  // clocks and keys strictly increasing
+};
+
+}  // namespace detail
 
 class arena_resource : public std::pmr::memory_resource {
  public:
@@ -112,6 +161,7 @@ class arena_resource : public std::pmr::memory_resource {
       cur_ = static_cast<std::byte*>(p);
       used_ -= bytes;
       --allocations_;
+      note_pop();
     }
   }
 
@@ -125,8 +175,9 @@ class arena_resource : public std::pmr::memory_resource {
 
   void* allocate_slow(std::size_t bytes, std::size_t alignment);
   bool try_rewind(const arena_marker& m) noexcept;
-  void enter(chunk* c) noexcept;
+  void enter(chunk* c, std::uint64_t base) noexcept;
   void free_chunks(chunk* first) noexcept;
+  void note_pop() noexcept;  // out of line: the bump paths stay small
   void note_peak() noexcept {
     if (used_ > peak_) peak_ = used_;
   }
@@ -157,10 +208,13 @@ class arena_resource : public std::pmr::memory_resource {
   std::size_t peak_ = 0;
   std::size_t upstream_allocations_ = 0;
   std::uint64_t epoch_ = 0;  // bumped by reset() and release(): older markers are stale
+  std::uint64_t base_ = 0;   // logical offset of begin_: the buffer at 0, chunks after it
+  mutable detail::marker_history history_;  // mark() counts marks, hence mutable
 };
 
-// Marks the arena when made and rewinds to the mark when it ends. If the arena was
-// reset or released meanwhile, it ends without touching the arena.
+// Marks the arena when made and rewinds to the mark when it ends. If its marker went
+// stale meanwhile (a reset, a release, a rewind to an earlier marker), it ends without
+// touching the arena.
 class arena_scope {
  public:
   explicit arena_scope(arena_resource& arena) noexcept : arena_(arena), marker_(arena.mark()) {}
