@@ -2,14 +2,22 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <bit>
 #include <cstring>
-#include <mutex>
 #include <new>
 #include <optional>
 #include <ostream>
 #include <sstream>
+#include <stdexcept>
 #include <string.h>  // explicit_bzero
+#include <thread>
+#if __has_include(<sys/single_threaded.h>)
+#include <sys/single_threaded.h>
+#define MEMSHUFFLE_SINGLE_THREADED_FLAG 1
+#else
+#define MEMSHUFFLE_SINGLE_THREADED_FLAG 0
+#endif
 
 #if defined(__SANITIZE_ADDRESS__)
 #define MEMSHUFFLE_ASAN 1
@@ -56,9 +64,11 @@ class live_table {
     }
   }
 
-  // Makes room for one more record; the only step that can throw.
-  void reserve_one() {
-    if ((size_ + 1) * 4 <= slots_.size() * 3) return;
+  // At most three quarters full, so probe sequences stay short.
+  bool has_room() const noexcept { return (size_ + 1) * 4 <= slots_.size() * 3; }
+
+  // Doubles the table; the only step that can throw, and then nothing has changed.
+  void grow() {
     std::vector<allocation_record> old(std::max<std::size_t>(64, slots_.size() * 2));
     old.swap(slots_);
     mask_ = slots_.size() - 1;
@@ -67,7 +77,7 @@ class live_table {
       if (r.pointer) place(r);
   }
 
-  void insert(const allocation_record& r) noexcept {  // after reserve_one()
+  void insert(const allocation_record& r) noexcept {  // when has_room()
     place(r);
     ++size_;
   }
@@ -117,6 +127,70 @@ class live_table {
   std::size_t size_ = 0;
 };
 
+// While the process has a single thread (glibc's __libc_single_threaded, which only
+// ever goes from true to false, and only when this thread starts another), taking
+// the lock needs no atomic read-modify-write: glibc's own mutex and malloc skip theirs
+// the same way, and a locked instruction costs as much as half an allocation. Once
+// threads exist it is one atomic exchange to lock and a plain store to unlock
+// (std::mutex: two atomic read-modify-writes and two calls into libc). The critical
+// sections are a few table operations, never an upstream call, so a waiter spins
+// briefly, then yields its core (on a loaded machine the holder may be preempted).
+class spin_lock {
+ public:
+  void lock() noexcept {
+    if (single_threaded() && !locked_.load(std::memory_order_relaxed)) {
+      locked_.store(true, std::memory_order_relaxed);
+      return;
+    }
+    if (!locked_.exchange(true, std::memory_order_acquire)) [[likely]]
+      return;
+    wait();
+  }
+  void unlock() noexcept { locked_.store(false, std::memory_order_release); }
+
+ private:
+  static bool single_threaded() noexcept {
+#if MEMSHUFFLE_SINGLE_THREADED_FLAG
+    return __libc_single_threaded;
+#else
+    return false;
+#endif
+  }
+  [[gnu::noinline]] void wait() noexcept {
+    for (int spins = 0;; ++spins) {
+      if (!locked_.load(std::memory_order_relaxed) &&
+          !locked_.exchange(true, std::memory_order_acquire))
+        return;
+      if (spins < 100) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+  std::atomic<bool> locked_{false};
+};
+
+// Locks only when the resource is thread safe.
+class lock_if {
+ public:
+  lock_if(spin_lock& l, bool enabled) noexcept : lock_(enabled ? &l : nullptr) {
+    if (lock_) lock_->lock();
+  }
+  lock_if(const lock_if&) = delete;
+  lock_if& operator=(const lock_if&) = delete;
+  ~lock_if() { unlock(); }
+  void unlock() noexcept {
+    if (lock_) lock_->unlock();
+    lock_ = nullptr;
+  }
+
+ private:
+  spin_lock* lock_;
+};
+
 struct freed_block {
   void* p;
   std::size_t bytes, alignment;
@@ -125,7 +199,7 @@ struct freed_block {
 }  // namespace
 
 struct tracking_resource::state {
-  std::mutex mutex;
+  spin_lock mutex;
   live_table live;
   tracking_stats stats;
   std::uint64_t sequence = 0;
@@ -135,9 +209,7 @@ struct tracking_resource::state {
   std::array<const void*, 1024> recently_freed{};
   std::size_t recently_freed_next = 0;
 
-  std::unique_lock<std::mutex> lock(bool thread_safe) {
-    return thread_safe ? std::unique_lock(mutex) : std::unique_lock<std::mutex>();
-  }
+  lock_if lock(bool thread_safe) noexcept { return lock_if(mutex, thread_safe); }
 
   bool was_freed(const void* p) const noexcept {
     return std::find(recently_freed.begin(), recently_freed.end(), p) != recently_freed.end();
@@ -195,20 +267,34 @@ tracking_resource::tracking_resource(tracking_options options, std::pmr::memory_
 
 tracking_resource::~tracking_resource() { release_quarantine(); }
 
+// The upstream is called outside the lock: only the books are shared, so threads
+// wait for each other only as long as a table update takes.
 void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
-  auto& s = *state_;
-  auto lock = s.lock(options_.thread_safe);
-  s.live.reserve_one();  // may throw; nothing observable has changed yet
   // A zero-byte request still gets a byte upstream, so its pointer is unique as a key.
-  void* p = upstream_->allocate(bytes == 0 ? 1 : bytes, alignment);
-  s.live.insert({p, bytes, alignment, ++s.sequence});
-  auto& st = s.stats;
-  ++st.current_allocations;
-  st.current_bytes += bytes;
-  ++st.total_allocations;
-  st.total_bytes += bytes;
-  st.peak_bytes = std::max(st.peak_bytes, st.current_bytes);
-  st.peak_allocations = std::max(st.peak_allocations, st.current_allocations);
+  const std::size_t upstream_bytes = bytes == 0 ? 1 : bytes;
+  void* p = upstream_->allocate(upstream_bytes, alignment);
+  auto& s = *state_;
+  {
+    auto lock = s.lock(options_.thread_safe);
+    if (!s.live.has_room()) [[unlikely]] {
+      // Nothing observable has changed yet: on failure the block goes back.
+      try {
+        s.live.grow();
+      } catch (...) {
+        lock.unlock();
+        upstream_->deallocate(p, upstream_bytes, alignment);
+        throw;
+      }
+    }
+    s.live.insert({p, bytes, alignment, ++s.sequence});
+    auto& st = s.stats;
+    ++st.current_allocations;
+    st.current_bytes += bytes;
+    ++st.total_allocations;
+    st.total_bytes += bytes;
+    st.peak_bytes = std::max(st.peak_bytes, st.current_bytes);
+    st.peak_allocations = std::max(st.peak_allocations, st.current_allocations);
+  }
   if (options_.fill_on_allocate) [[unlikely]]
     std::memset(p, std::to_integer<int>(*options_.fill_on_allocate), bytes);
   return p;
@@ -216,23 +302,24 @@ void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
 
 void tracking_resource::do_deallocate(void* p, std::size_t bytes, std::size_t alignment) {
   auto& s = *state_;
-  auto lock = s.lock(options_.thread_safe);
-  allocation_record* r = s.live.find(p);
-  if (r == nullptr || r->bytes != bytes || r->alignment != alignment) [[unlikely]] {
-    s.record_bad(p, bytes, alignment, r);
-    return;
-  }
-  s.live.erase(r);
-  auto& st = s.stats;
-  --st.current_allocations;
-  st.current_bytes -= bytes;
-  ++st.total_deallocations;
-  s.recently_freed[s.recently_freed_next++ % s.recently_freed.size()] = p;
-
   const std::size_t upstream_bytes = bytes == 0 ? 1 : bytes;
-  if (options_.wipe_on_deallocate || options_.quarantine) [[unlikely]] {
-    if (options_.wipe_on_deallocate) explicit_bzero(p, bytes);
-    if (options_.quarantine && s.hold(p, upstream_bytes, alignment)) return;
+  {
+    auto lock = s.lock(options_.thread_safe);
+    allocation_record* r = s.live.find(p);
+    if (r == nullptr || r->bytes != bytes || r->alignment != alignment) [[unlikely]] {
+      s.record_bad(p, bytes, alignment, r);
+      return;
+    }
+    s.live.erase(r);
+    auto& st = s.stats;
+    --st.current_allocations;
+    st.current_bytes -= bytes;
+    ++st.total_deallocations;
+    s.recently_freed[s.recently_freed_next++ % s.recently_freed.size()] = p;
+    if (options_.wipe_on_deallocate || options_.quarantine) [[unlikely]] {
+      if (options_.wipe_on_deallocate) explicit_bzero(p, bytes);
+      if (options_.quarantine && s.hold(p, upstream_bytes, alignment)) return;
+    }
   }
   upstream_->deallocate(p, upstream_bytes, alignment);
 }
