@@ -67,6 +67,10 @@ std::array<std::byte, 16> counter_block(const key_slot& k, std::uint64_t seq) {
   return iv;
 }
 
+// One GCM message: its 32-bit block counter covers 2^32 - 2 blocks of plaintext
+// (NIST SP 800-38D: at most 2^39 - 256 bits).
+constexpr std::size_t gcm_max_entry = (std::size_t{1} << 36) - 32;
+
 std::array<std::byte, 8> be64(std::uint64_t v) {
   std::array<std::byte, 8> out{};
   for (int i = 0; i < 8; ++i) out[i] = static_cast<std::byte>(v >> (56 - 8 * i));
@@ -730,6 +734,11 @@ handle shuffler::alloc_bytes(std::size_t bytes, std::size_t alignment) {
   auto& s = *impl_;
   if (bytes > detail::handle_table::max_entry_size)
     throw type_error("memshuffle: entry of " + std::to_string(bytes) + " bytes is too large");
+  // Refused now: sealing it would fail only when its first lease ends, which cannot
+  // throw, and the entry would stay plaintext.
+  if (s.tag_bytes != 0 && bytes > gcm_max_entry)
+    throw type_error("memshuffle: entry of " + std::to_string(bytes) +
+                     " bytes is larger than one AES-GCM message can be (2^36 - 32 bytes)");
   std::lock_guard lk(s.m);
   s.table.reserve_one();
   std::byte* p = s.heap.place(bytes + s.tag_bytes, alignment);  // nothing changed if it throws

@@ -537,6 +537,42 @@ TEST_CASE("every bad call raises its error and leaves the shuffler unchanged") {
   }
 }
 
+TEST_CASE("an entry too large for one GCM seal is refused at alloc, before any memory is asked for") {
+  constexpr std::size_t gcm_limit = (std::size_t{1} << 36) - 32;  // 2^32 - 2 blocks of 16 bytes
+  for (cipher_kind c : all_ciphers) {
+    CAPTURE(static_cast<int>(c));
+    const bool gcm = c == cipher_kind::aes_256_gcm;
+    recording_resource up;
+    shuffler s({.cipher = c}, &up);
+    const handle kept = s.create<int>();
+    const snapshot before = snap(s);
+    // Every upstream request fails from here: a size that passed the checks shows up as
+    // std::bad_alloc and a counted failure, a refused one as type_error with none.
+    up.fail_after(0, false);
+    const auto attempt = [&](auto alloc) {
+      const std::size_t failures = up.failures_injected();
+      try {
+        alloc();
+      } catch (const type_error&) {
+        CHECK(up.failures_injected() == failures);
+        return 'T';
+      } catch (const std::bad_alloc&) {
+        CHECK(up.failures_injected() > failures);
+        return 'M';
+      }
+      return '-';
+    };
+    CHECK(attempt([&] { s.alloc<std::byte>(gcm_limit + 1); }) == (gcm ? 'T' : 'M'));
+    CHECK(attempt([&] { s.alloc<std::uint64_t>(gcm_limit / 8 + 1); }) == (gcm ? 'T' : 'M'));
+    CHECK(attempt([&] { s.alloc<std::byte>(gcm_limit); }) == 'M');  // the largest GCM can seal
+    CHECK(attempt([&] { s.alloc<std::byte>(std::size_t{1} << 40); }) == 'T');  // past the table's 40 bits
+    CHECK(attempt([&] { s.alloc<std::byte>(~std::size_t{0}); }) == 'T');  // size + tag would wrap
+    up.fail_never();
+    CHECK(snap(s) == before);
+    CHECK(s.valid(kept));
+  }
+}
+
 TEST_CASE("running out of memory inside a shuffle changes nothing") {
   const std::uint64_t seed = test_seed();
   CAPTURE(seed);
