@@ -4,7 +4,9 @@
 #include <test/support/recording_resource.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <set>
@@ -15,6 +17,26 @@
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #endif
+
+// The global operator new refuses large requests while `refuse_large_news` is set, so a
+// test can make the live table's growth fail (its other users here ask for less).
+namespace {
+std::atomic<bool> refuse_large_news{false};
+constexpr std::size_t large_new = 4096;
+// Out of line, so the compiler does not pair free() with operator new and object.
+[[gnu::noinline]] void release(void* p) noexcept { std::free(p); }
+}  // namespace
+
+void* operator new(std::size_t n) {
+  if (n >= large_new && refuse_large_news.load(std::memory_order_relaxed)) throw std::bad_alloc();
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n) { return operator new(n); }
+void operator delete(void* p) noexcept { release(p); }
+void operator delete[](void* p) noexcept { release(p); }
+void operator delete(void* p, std::size_t) noexcept { release(p); }
+void operator delete[](void* p, std::size_t) noexcept { release(p); }
 
 using memshuffle::bad_deallocation_kind;
 using memshuffle::tracking_options;
@@ -313,6 +335,91 @@ TEST_CASE("an upstream that throws leaves the tracking resource as it was") {
     CHECK(after.total_allocations == before.total_allocations);
     CHECK(after.total_bytes == before.total_bytes);
     CHECK(tracking.live_allocations().size() == 50);
+    for (void* p : blocks) tracking.deallocate(p, 32, 8);
+    CHECK_FALSE(tracking.has_leaks());
+    CHECK(tracking.stats().bad_deallocations == 0);
+  }
+  check_upstream_clean(upstream);
+}
+
+TEST_CASE("the live table grows under many live blocks and keeps every record") {
+  recording_resource upstream;
+  const auto seed = std::random_device{}();
+  CAPTURE(seed);
+  std::mt19937 rng(seed);
+  {
+    tracking_resource tracking(&upstream);
+    std::vector<block> live;
+    std::size_t bytes_live = 0;
+    for (int i = 0; i < 20000; ++i) {
+      const std::size_t bytes = 1 + rng() % 200, alignment = std::size_t{1} << (rng() % 7);
+      live.push_back({tracking.allocate(bytes, alignment), bytes, alignment});
+      bytes_live += bytes;
+    }
+    const auto records = tracking.live_allocations();
+    REQUIRE(records.size() == live.size());
+    for (std::size_t i = 0; i < live.size(); ++i) {
+      REQUIRE(records[i].pointer == live[i].p);
+      REQUIRE(records[i].bytes == live[i].bytes);
+      REQUIRE(records[i].sequence == i + 1);
+    }
+    CHECK(tracking.stats().current_bytes == bytes_live);
+    // Freed in random order, with a stray pointer into each live block between frees:
+    // every one is found, and every stray is refused.
+    std::shuffle(live.begin(), live.end(), rng);
+    std::size_t strays = 0;
+    for (std::size_t i = 0; i < live.size(); ++i) {
+      if (i + 1 < live.size() && i % 10 == 0) {
+        tracking.deallocate(static_cast<char*>(live[i + 1].p) + 1, live[i + 1].bytes,
+                            live[i + 1].alignment);
+        ++strays;
+      }
+      tracking.deallocate(live[i].p, live[i].bytes, live[i].alignment);
+    }
+    const auto st = tracking.stats();
+    CHECK(st.bad_deallocations == strays);
+    CHECK(st.current_allocations == 0);
+    CHECK(st.peak_allocations == live.size());
+    CHECK(st.total_deallocations == live.size());
+    CHECK_FALSE(tracking.has_leaks());
+  }
+  check_upstream_clean(upstream);
+}
+
+TEST_CASE("a live table that cannot grow leaves everything as it was and gives the block back") {
+  recording_resource upstream;
+  {
+    tracking_resource tracking(&upstream);
+    std::vector<void*> blocks;
+    bool refused = false;
+    refuse_large_news = true;
+    // Sooner or later the table needs a larger array than operator new will give.
+    for (int i = 0; i < 100 && !refused; ++i) {
+      const auto before = tracking.stats();
+      const auto upstream_allocations = upstream.allocations();
+      try {
+        blocks.push_back(tracking.allocate(32, 8));
+      } catch (const std::bad_alloc&) {
+        refused = true;
+        const auto after = tracking.stats();
+        CHECK(after.current_allocations == before.current_allocations);
+        CHECK(after.current_bytes == before.current_bytes);
+        CHECK(after.peak_allocations == before.peak_allocations);
+        CHECK(after.total_allocations == before.total_allocations);
+        CHECK(after.total_bytes == before.total_bytes);
+        CHECK(tracking.live_allocations().size() == blocks.size());
+        // The upstream got its block back: nothing outstanding beyond the live ones.
+        CHECK(upstream.allocations() == upstream_allocations + 1);
+        CHECK(upstream.outstanding() == blocks.size());
+      }
+    }
+    refuse_large_news = false;
+    REQUIRE(refused);
+    // Still works, and sequence numbers carry on without a gap.
+    blocks.push_back(tracking.allocate(32, 8));
+    const auto live = tracking.live_allocations();
+    REQUIRE(live.size() == blocks.size());
+    CHECK(live.back().sequence == blocks.size());
     for (void* p : blocks) tracking.deallocate(p, 32, 8);
     CHECK_FALSE(tracking.has_leaks());
     CHECK(tracking.stats().bad_deallocations == 0);
