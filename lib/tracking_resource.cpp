@@ -110,12 +110,12 @@ class live_table {
 
  private:
   std::size_t home(const void* p) const noexcept {
-    // Neighbouring blocks go to neighbouring slots, so a run of allocations touches a
-    // few cache lines of the table rather than one each (1.92x -> 1.85x over malloc
-    // with 1000 live blocks); folding in the bits above the index keeps power-of-two
-    // strides (page-aligned blocks) from piling onto a few slots.
-    auto x = static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p)) >> 4;
-    return static_cast<std::size_t>((x ^ (x >> (64 - shift_))) & mask_);
+    auto x = static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p));
+    // Fibonacci hashing: the top bits of the product spread evenly spaced addresses
+    // (a heap's blocks) evenly; lower bits of it cluster badly under linear probing.
+    // An index that kept neighbouring blocks in neighbouring slots was 4% faster with
+    // 1000 live blocks but three times slower with a million (long probe runs).
+    return static_cast<std::size_t>((x * 0x9E3779B97F4A7C15ull) >> shift_);
   }
   void place(const allocation_record& r) noexcept {
     std::size_t i = home(r.pointer);

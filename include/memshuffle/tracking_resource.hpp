@@ -24,7 +24,10 @@ struct tracking_options {
   bool wipe_on_deallocate = false;          // zero freed blocks before they go upstream
   std::optional<std::byte> fill_on_allocate{};  // pattern written into every new block
   bool quarantine = false;                  // keep freed blocks until release_quarantine()
-  bool thread_safe = true;                  // false: no locking, one thread only
+  // false: no locking, one thread only. true: the books are locked; the upstream is
+  // called outside the lock, so one shared by several threads must be thread safe
+  // itself (as new_delete_resource and synchronized_pool_resource are).
+  bool thread_safe = true;
 };
 
 struct tracking_stats {
