@@ -165,7 +165,7 @@ struct shuffler::impl {
   } pass;
 
   // Reused between shuffles so a steady heap does not allocate for them.
-  std::vector<std::uint32_t> moves, doomed;
+  std::vector<std::uint32_t> moves, doomed, windows;
   struct move_item {
     std::byte* src;
     std::size_t bytes;
@@ -299,8 +299,7 @@ struct shuffler::impl {
   void shuffle_all() {
     const auto t0 = std::chrono::steady_clock::now();
     items.clear(), doomed.clear(), stays.clear(), left.clear(), reqs.clear();
-    // Slots are read in order; the random layout is a permutation of positions, small
-    // enough to stay in cache, and the entries are then fetched ahead of their use.
+    // Slots are read in order; layout_order() then decides where each entry goes.
     for (std::uint32_t i = 0; i < table.slots(); ++i) {
       const entry& e = table[i];
       switch (e.st()) {
@@ -312,17 +311,10 @@ struct shuffler::impl {
         default: stays.push_back(e.data); break;  // pinned or in transition
       }
     }
-    constexpr std::size_t ahead = 16;
+    layout_order(items.size());
     if (opt.randomize_layout) {
-      moves.resize(items.size());
-      for (std::uint32_t k = 0; k < moves.size(); ++k) moves[k] = k;
-      shuffle_order(moves, rng);
-      ordered.clear();
-      ordered.reserve(items.size());
-      for (std::size_t k = 0; k < moves.size(); ++k) {
-        if (k + ahead < moves.size()) __builtin_prefetch(&items[moves[k + ahead]]);
-        ordered.push_back(items[moves[k]]);
-      }
+      ordered.resize(items.size());
+      for (std::size_t k = 0; k < items.size(); ++k) ordered[moves[k]] = items[k];
       items.swap(ordered);
     }
     for (const move_item& m : items) reqs.push_back({m.bytes, std::size_t{1} << m.align_log2});
@@ -331,7 +323,10 @@ struct shuffler::impl {
     const std::uint64_t serial = heap.next_serial();
     heap.place_all(reqs, dest, true);  // the only step that can fail; nothing changed yet
 
-    // In random order every source and every slot is a cache miss: ask for them early.
+    // Destinations are written in order; slots and sources are visited within a window
+    // (the sources of a window were laid out together by the shuffle before, or the
+    // allocations before it). Asking for them early hides what misses remain.
+    constexpr std::size_t ahead = 16;
     for (std::size_t k = 0; k < items.size(); ++k) {
       if (k + ahead < items.size()) {
         __builtin_prefetch(items[k + ahead].src);
@@ -352,6 +347,39 @@ struct shuffler::impl {
     pass.active = false;
     ++shuffles;
     timed(t0);
+  }
+
+  // Where a full shuffle lays out the n entries listed in slot order: moves[k] is the
+  // place in the new layout of the k-th. With randomize_layout the list is cut into
+  // windows of layout_window entries, the first cut at a random offset; the windows go
+  // in random order and the entries of each window in random order. Entries are then
+  // scattered within a window's range and everything else walks in order, so a shuffle
+  // stays nearly sequential, yet the layout is a fresh random one each time (and the
+  // moving cut mixes neighbours across windows from one shuffle to the next).
+  static constexpr std::size_t layout_window = 256;
+  void layout_order(std::size_t n) {
+    moves.resize(n);
+    for (std::uint32_t k = 0; k < n; ++k) moves[k] = k;
+    if (!opt.randomize_layout || n < 2) return;
+    const std::size_t cut = n > layout_window ? bounded(rng, layout_window) : 0;
+    const auto window_end = [&](std::size_t b) { return b == 0 && cut != 0 ? cut : std::min(n, b + layout_window); };
+    windows.clear();
+    if (cut != 0) windows.push_back(0);
+    for (std::size_t b = cut; b < n; b += layout_window) windows.push_back(static_cast<std::uint32_t>(b));
+    shuffle_order(windows, rng);
+    // windows[j] starts the j-th window in the new layout; give each its first place.
+    std::uint32_t at = 0;
+    for (std::uint32_t& b : windows) {
+      const std::uint32_t len = static_cast<std::uint32_t>(window_end(b) - b);
+      moves[b] = at;  // parked at each window's first entry until its turn below
+      at += len;
+    }
+    for (std::size_t b = 0; b < n; b = window_end(b)) {
+      const std::uint32_t base = moves[b];
+      const std::span<std::uint32_t> w(moves.data() + b, window_end(b) - b);
+      for (std::size_t k = 0; k < w.size(); ++k) w[k] = base + static_cast<std::uint32_t>(k);
+      for (std::size_t k = w.size(); k > 1; --k) std::swap(w[k - 1], w[bounded(rng, k)]);
+    }
   }
 
   // The ratio policy's compaction: entries move in address order, an arena's worth at a
