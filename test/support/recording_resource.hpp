@@ -95,7 +95,15 @@ class recording_resource : public std::pmr::memory_resource {
       --countdown_;
     }
     void* p = upstream_->allocate(bytes, alignment);
-    live_.emplace(p, block{p, bytes, alignment});
+    // Tests also make operator new fail: then the bookkeeping throws, and the block
+    // must go back rather than leak.
+    try {
+      history_.reserve(history_.size() + 1);
+      live_.emplace(p, block{p, bytes, alignment});
+    } catch (...) {
+      upstream_->deallocate(p, bytes, alignment);
+      throw;
+    }
     history_.push_back(block{p, bytes, alignment});
     ++allocations_;
     return p;
@@ -116,8 +124,15 @@ class recording_resource : public std::pmr::memory_resource {
       return;
     }
     ++deallocations_;
-    if (keep_freed_) freed_.push_back(it->second);
-    else upstream_->deallocate(p, bytes, alignment);
+    bool kept = false;
+    if (keep_freed_) {
+      try {
+        freed_.push_back(it->second);
+        kept = true;
+      } catch (const std::bad_alloc&) {  // cannot keep it for scanning: give it back
+      }
+    }
+    if (!kept) upstream_->deallocate(p, bytes, alignment);
     live_.erase(it);
   }
 
