@@ -165,7 +165,7 @@ struct shuffler::impl {
   } pass;
 
   // Reused between shuffles so a steady heap does not allocate for them.
-  std::vector<std::uint32_t> moves, doomed, windows;
+  std::vector<std::uint32_t> moves, doomed, windows, window_order, window_base;
   struct move_item {
     std::byte* src;
     std::size_t bytes;
@@ -311,7 +311,7 @@ struct shuffler::impl {
         default: stays.push_back(e.data); break;  // pinned or in transition
       }
     }
-    layout_order(items.size());
+    layout_order();
     if (opt.randomize_layout) {
       ordered.resize(items.size());
       for (std::size_t k = 0; k < items.size(); ++k) ordered[moves[k]] = items[k];
@@ -349,35 +349,47 @@ struct shuffler::impl {
     timed(t0);
   }
 
-  // Where a full shuffle lays out the n entries listed in slot order: moves[k] is the
-  // place in the new layout of the k-th. With randomize_layout the list is cut into
-  // windows of layout_window entries, the first cut at a random offset; the windows go
-  // in random order and the entries of each window in random order. Entries are then
-  // scattered within a window's range and everything else walks in order, so a shuffle
-  // stays nearly sequential, yet the layout is a fresh random one each time (and the
-  // moving cut mixes neighbours across windows from one shuffle to the next).
+  // Where a full shuffle lays out the entries of items (listed in slot order): moves[k]
+  // is the place in the new layout of items[k]. With randomize_layout the list is cut
+  // into windows of at most layout_window entries and about an arena's worth of bytes,
+  // the first cut at a random offset; the windows go in random order and the entries
+  // of each window in random order. Entries are then scattered within a window's range
+  // and everything else walks in order, so a shuffle stays nearly sequential, yet the
+  // layout is a fresh random one each time (and the moving cut mixes neighbours across
+  // windows from one shuffle to the next).
   static constexpr std::size_t layout_window = 256;
-  void layout_order(std::size_t n) {
+  void layout_order() {
+    const std::size_t n = items.size();
     moves.resize(n);
     for (std::uint32_t k = 0; k < n; ++k) moves[k] = k;
     if (!opt.randomize_layout || n < 2) return;
-    const std::size_t cut = n > layout_window ? bounded(rng, layout_window) : 0;
-    const auto window_end = [&](std::size_t b) { return b == 0 && cut != 0 ? cut : std::min(n, b + layout_window); };
+    // The first entry of each window, in slot order.
     windows.clear();
-    if (cut != 0) windows.push_back(0);
-    for (std::size_t b = cut; b < n; b += layout_window) windows.push_back(static_cast<std::uint32_t>(b));
-    shuffle_order(windows, rng);
-    // windows[j] starts the j-th window in the new layout; give each its first place.
-    std::uint32_t at = 0;
-    for (std::uint32_t& b : windows) {
-      const std::uint32_t len = static_cast<std::uint32_t>(window_end(b) - b);
-      moves[b] = at;  // parked at each window's first entry until its turn below
-      at += len;
+    const std::size_t cut = n > layout_window ? bounded(rng, layout_window) : 0;
+    const std::size_t limit = std::max(heap.arena_size(), std::size_t{1});
+    std::size_t count = 0, bytes = 0;
+    for (std::size_t k = 0; k < n; ++k) {
+      if (k == 0 || k == cut || count == layout_window || bytes >= limit) {
+        windows.push_back(static_cast<std::uint32_t>(k));
+        count = 0, bytes = 0;
+      }
+      ++count, bytes += items[k].bytes;
     }
-    for (std::size_t b = 0; b < n; b = window_end(b)) {
-      const std::uint32_t base = moves[b];
-      const std::span<std::uint32_t> w(moves.data() + b, window_end(b) - b);
-      for (std::size_t k = 0; k < w.size(); ++k) w[k] = base + static_cast<std::uint32_t>(k);
+    // The windows in random order; each one's first place in the new layout.
+    const std::size_t count_windows = windows.size();
+    window_order.resize(count_windows);
+    for (std::uint32_t j = 0; j < count_windows; ++j) window_order[j] = j;
+    shuffle_order(window_order, rng);
+    const auto window_end = [&](std::size_t j) { return j + 1 < count_windows ? windows[j + 1] : n; };
+    window_base.resize(count_windows);
+    std::uint32_t at = 0;
+    for (std::uint32_t j : window_order) {
+      window_base[j] = at;
+      at += static_cast<std::uint32_t>(window_end(j) - windows[j]);
+    }
+    for (std::size_t j = 0; j < count_windows; ++j) {
+      const std::span<std::uint32_t> w(moves.data() + windows[j], window_end(j) - windows[j]);
+      for (std::size_t k = 0; k < w.size(); ++k) w[k] = window_base[j] + static_cast<std::uint32_t>(k);
       for (std::size_t k = w.size(); k > 1; --k) std::swap(w[k - 1], w[bounded(rng, k)]);
     }
   }
