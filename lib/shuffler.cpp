@@ -282,11 +282,13 @@ struct shuffler::impl {
     }
   }
 
+  // shuffle_every: every entry at rest moves, arena by arena as the ratio policy's
+  // compaction does, so the upstream never holds the old and new heap at once.
   void try_shuffle() noexcept {
     try {
-      shuffle_all();
+      compact();
     } catch (...) {
-      // Automatic: without memory the heap simply stays as it is (strong guarantee).
+      // Automatic: without memory the compaction stops after its last whole window.
     }
   }
 

@@ -657,6 +657,35 @@ TEST_CASE("with randomize_layout every shuffle lays the entries out in a fresh r
   }
 }
 
+TEST_CASE("shuffle_every moves every entry arena by arena, never holding two copies of the heap") {
+  const std::size_t arena = 4096, count = 2048;
+  tracking_resource track;
+  // Each entry: an alloc and a write (a rent and a return), then a rent and a return to
+  // read its address: 5 operations. The next one after those shuffles.
+  shuffler s({.cipher = cipher_kind::none, .shuffle_every = 5 * count + 1, .arena_size = arena}, &track);
+  std::vector<handle> hs;
+  for (std::uint64_t i = 0; i < count; ++i) {
+    hs.push_back(s.alloc<std::uint64_t>(8));
+    s.write(hs.back(), std::as_bytes(std::span(&i, 1)));
+  }
+  const std::vector<std::uintptr_t> before = addresses(s, hs);
+  const std::size_t held = track.stats().current_bytes;
+  REQUIRE(track.stats().peak_bytes == held);  // nothing was given back so far
+  REQUIRE(s.stats().shuffles == 0);
+  s.create<int>();
+  CHECK(s.stats().shuffles == 1);
+  // A full shuffle would have held every old arena and the new copies at once.
+  CHECK(track.stats().peak_bytes <= held + 4 * (arena + 64));
+  const std::vector<std::uintptr_t> after = addresses(s, hs);
+  for (std::size_t i = 0; i < count; ++i) {
+    CAPTURE(i);
+    CHECK(after[i] != before[i]);
+    std::uint64_t v = 0;
+    s.read(hs[i], std::as_writable_bytes(std::span(&v, 1)));
+    CHECK(v == i);
+  }
+}
+
 TEST_CASE("running out of memory inside a shuffle changes nothing") {
   const std::uint64_t seed = test_seed();
   CAPTURE(seed);
