@@ -135,8 +135,9 @@ class live_table {
 // the same way, and a locked instruction costs as much as half an allocation. Once
 // threads exist it is one atomic exchange to lock and a plain store to unlock
 // (std::mutex: two atomic read-modify-writes and two calls into libc). The critical
-// sections are a few table operations, never an upstream call, so a waiter spins
-// briefly, then yields its core (on a loaded machine the holder may be preempted).
+// sections are short (a few table operations and the upstream call), so a waiter
+// spins briefly, then yields its core (on a loaded machine the holder may be
+// preempted, or the upstream may be in a system call).
 class spin_lock {
  public:
   void lock() noexcept {
@@ -183,10 +184,8 @@ class lock_if {
   }
   lock_if(const lock_if&) = delete;
   lock_if& operator=(const lock_if&) = delete;
-  ~lock_if() { unlock(); }
-  void unlock() noexcept {
+  ~lock_if() {
     if (lock_) lock_->unlock();
-    lock_ = nullptr;
   }
 
  private:
@@ -269,34 +268,22 @@ tracking_resource::tracking_resource(tracking_options options, std::pmr::memory_
 
 tracking_resource::~tracking_resource() { release_quarantine(); }
 
-// The upstream is called outside the lock: only the books are shared, so threads
-// wait for each other only as long as a table update takes.
+// The upstream is called under the lock too: an unsynchronized upstream (an arena, an
+// unsynchronized pool) stays safe behind a thread-safe tracking resource.
 void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
-  // A zero-byte request still gets a byte upstream, so its pointer is unique as a key.
-  const std::size_t upstream_bytes = bytes == 0 ? 1 : bytes;
-  void* p = upstream_->allocate(upstream_bytes, alignment);
   auto& s = *state_;
-  {
-    auto lock = s.lock(options_.thread_safe);
-    if (!s.live.has_room()) [[unlikely]] {
-      // Nothing observable has changed yet: on failure the block goes back.
-      try {
-        s.live.grow();
-      } catch (...) {
-        lock.unlock();
-        upstream_->deallocate(p, upstream_bytes, alignment);
-        throw;
-      }
-    }
-    s.live.insert({p, bytes, alignment, ++s.sequence});
-    auto& st = s.stats;
-    ++st.current_allocations;
-    st.current_bytes += bytes;
-    ++st.total_allocations;
-    st.total_bytes += bytes;
-    st.peak_bytes = std::max(st.peak_bytes, st.current_bytes);
-    st.peak_allocations = std::max(st.peak_allocations, st.current_allocations);
-  }
+  auto lock = s.lock(options_.thread_safe);
+  if (!s.live.has_room()) s.live.grow();  // may throw; nothing observable has changed yet
+  // A zero-byte request still gets a byte upstream, so its pointer is unique as a key.
+  void* p = upstream_->allocate(bytes == 0 ? 1 : bytes, alignment);
+  s.live.insert({p, bytes, alignment, ++s.sequence});
+  auto& st = s.stats;
+  ++st.current_allocations;
+  st.current_bytes += bytes;
+  ++st.total_allocations;
+  st.total_bytes += bytes;
+  st.peak_bytes = std::max(st.peak_bytes, st.current_bytes);
+  st.peak_allocations = std::max(st.peak_allocations, st.current_allocations);
   if (options_.fill_on_allocate) [[unlikely]]
     std::memset(p, std::to_integer<int>(*options_.fill_on_allocate), bytes);
   return p;
@@ -304,24 +291,23 @@ void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
 
 void tracking_resource::do_deallocate(void* p, std::size_t bytes, std::size_t alignment) {
   auto& s = *state_;
+  auto lock = s.lock(options_.thread_safe);
+  allocation_record* r = s.live.find(p);
+  if (r == nullptr || r->bytes != bytes || r->alignment != alignment) [[unlikely]] {
+    s.record_bad(p, bytes, alignment, r);
+    return;
+  }
+  s.live.erase(r);
+  auto& st = s.stats;
+  --st.current_allocations;
+  st.current_bytes -= bytes;
+  ++st.total_deallocations;
+  s.recently_freed[s.recently_freed_next++ % s.recently_freed.size()] = p;
+
   const std::size_t upstream_bytes = bytes == 0 ? 1 : bytes;
-  {
-    auto lock = s.lock(options_.thread_safe);
-    allocation_record* r = s.live.find(p);
-    if (r == nullptr || r->bytes != bytes || r->alignment != alignment) [[unlikely]] {
-      s.record_bad(p, bytes, alignment, r);
-      return;
-    }
-    s.live.erase(r);
-    auto& st = s.stats;
-    --st.current_allocations;
-    st.current_bytes -= bytes;
-    ++st.total_deallocations;
-    s.recently_freed[s.recently_freed_next++ % s.recently_freed.size()] = p;
-    if (options_.wipe_on_deallocate || options_.quarantine) [[unlikely]] {
-      if (options_.wipe_on_deallocate) explicit_bzero(p, bytes);
-      if (options_.quarantine && s.hold(p, upstream_bytes, alignment)) return;
-    }
+  if (options_.wipe_on_deallocate || options_.quarantine) [[unlikely]] {
+    if (options_.wipe_on_deallocate) explicit_bzero(p, bytes);
+    if (options_.quarantine && s.hold(p, upstream_bytes, alignment)) return;
   }
   upstream_->deallocate(p, upstream_bytes, alignment);
 }

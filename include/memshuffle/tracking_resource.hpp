@@ -24,9 +24,8 @@ struct tracking_options {
   bool wipe_on_deallocate = false;          // zero freed blocks before they go upstream
   std::optional<std::byte> fill_on_allocate{};  // pattern written into every new block
   bool quarantine = false;                  // keep freed blocks until release_quarantine()
-  // false: no locking, one thread only. true: the books are locked; the upstream is
-  // called outside the lock, so one shared by several threads must be thread safe
-  // itself (as new_delete_resource and synchronized_pool_resource are).
+  // true: one lock guards the books and the upstream calls, so an unsynchronized
+  // upstream is safe behind it. false: no locking, one thread only.
   bool thread_safe = true;
 };
 
