@@ -14,34 +14,9 @@
 
 #include <memshuffle/arena_resource.hpp>
 
-#if defined(__SANITIZE_ADDRESS__)
-#define MEMSHUFFLE_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MEMSHUFFLE_ASAN 1
-#endif
-#endif
-#ifdef MEMSHUFFLE_ASAN
-#include <sanitizer/asan_interface.h>
-#endif
+#include "poison.hpp"
 
 namespace memshuffle::detail {
-
-// Under the address sanitizer, reads and writes of poisoned bytes are reported.
-inline void poison(const void* p, std::size_t n) noexcept {
-#ifdef MEMSHUFFLE_ASAN
-  ASAN_POISON_MEMORY_REGION(p, n);
-#else
-  (void)p, (void)n;
-#endif
-}
-inline void unpoison(const void* p, std::size_t n) noexcept {
-#ifdef MEMSHUFFLE_ASAN
-  ASAN_UNPOISON_MEMORY_REGION(p, n);
-#else
-  (void)p, (void)n;
-#endif
-}
 
 struct request {
   std::size_t bytes;

@@ -19,37 +19,16 @@
 #define MEMSHUFFLE_SINGLE_THREADED_FLAG 0
 #endif
 
-#if defined(__SANITIZE_ADDRESS__)
-#define MEMSHUFFLE_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MEMSHUFFLE_ASAN 1
-#endif
-#endif
-#ifdef MEMSHUFFLE_ASAN
-#include <sanitizer/asan_interface.h>
-#endif
+#include "poison.hpp"
 
 namespace memshuffle {
 
 namespace {
 
-// Quarantined memory is poisoned under AddressSanitizer, so a use after free is
-// reported at the faulting access, not just observed later.
-void poison(void* p, std::size_t n) {
-#ifdef MEMSHUFFLE_ASAN
-  ASAN_POISON_MEMORY_REGION(p, n);
-#else
-  (void)p, (void)n;
-#endif
-}
-void unpoison(void* p, std::size_t n) {
-#ifdef MEMSHUFFLE_ASAN
-  ASAN_UNPOISON_MEMORY_REGION(p, n);
-#else
-  (void)p, (void)n;
-#endif
-}
+// Quarantined memory is poisoned, so a use after free is reported at the faulting
+// access, not just observed later.
+using detail::poison;
+using detail::unpoison;
 
 // Live allocations keyed by pointer: open addressing with linear probing and
 // backward-shift deletion, so the hot path never allocates (a node-based map would
