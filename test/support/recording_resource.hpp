@@ -98,7 +98,7 @@ class recording_resource : public std::pmr::memory_resource {
     // Tests also make operator new fail: then the bookkeeping throws, and the block
     // must go back rather than leak.
     try {
-      history_.reserve(history_.size() + 1);
+      if (history_.size() == history_.capacity()) history_.reserve(2 * history_.size() + 64);
       live_.emplace(p, block{p, bytes, alignment});
     } catch (...) {
       upstream_->deallocate(p, bytes, alignment);
