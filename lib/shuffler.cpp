@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <bit>
 #include <stdexcept>
 #include <vector>
@@ -513,12 +514,34 @@ struct shuffler::impl {
 
   // --- rotation -----------------------------------------------------------------------
 
-  void rotate(const key_type* key, const salt_type* salt,
-              std::unique_lock<std::mutex>& lk) {
-    std::size_t largest = 0;
+  // Re-encryption runs in batches of about this many bytes: under the lock a batch of
+  // entries at rest under an older key is marked sealing (nobody else touches their
+  // bytes then) and given counter values; outside it the batch is re-encrypted in a
+  // scratch buffer and copied back; under the lock again each entry is committed. So a
+  // rotation of a large heap holds the lock only for bookkeeping, never for its AES work.
+  static constexpr std::size_t rotation_batch_bytes = 64 * 1024;
+  static constexpr std::size_t rotation_batch_entries = 256;
+
+  struct reseal {
+    std::uint32_t index;
+    handle h;  // read under the lock: the table may grow while the batch is worked on
+    const key_slot* from;
+    std::uint16_t from_id;
+    std::uint64_t from_seq, to_seq;
+    std::byte* data;
+    std::size_t size, offset;  // offset: where it is worked on in the scratch buffer
+    enum class outcome : std::uint8_t { done, altered, no_memory } result;
+  };
+
+  void rotate(const key_type* key, const salt_type* salt, std::unique_lock<std::mutex>& lk) {
+    // Everything that can fail for want of memory comes before the new key: sized for
+    // the entries there are now (a larger one created later grows the scratch then).
+    std::size_t largest = 0, total = 0;
     for (std::uint32_t i = 0; i < table.slots(); ++i)
-      if (table[i].live()) largest = std::max(largest, stored_bytes(table[i]));
-    CryptoPP::SecByteBlock scratch(largest);  // wiped when it ends
+      if (table[i].live()) largest = std::max(largest, stored_bytes(table[i])), total += stored_bytes(table[i]);
+    CryptoPP::SecByteBlock scratch(encrypting ? std::max(largest, std::min(total, rotation_batch_bytes)) : 0);
+    std::vector<reseal> batch;
+    batch.reserve(encrypting ? rotation_batch_entries : 0);
     const std::uint16_t previous = current_key;
     current_key = add_key(key, salt);  // the last step that can fail before any change
     ++key_rotations;
@@ -530,42 +553,95 @@ struct shuffler::impl {
         if (keys[k] && k != current_key && keys[k]->sealing != 0) return false;
       return true;
     });
-    const std::uint16_t to = current_key;  // a rotation during the wait may have moved it on
     for (std::size_t k = 0; k < keys.size(); ++k)
       if (keys[k]) drop_if_unused(static_cast<std::uint16_t>(k));
-    // Entries may have been written or created during the wait: size the scratch again.
-    std::size_t needed = 0;
-    for (std::uint32_t i = 0; i < table.slots(); ++i)
-      if (table[i].st() == entry_state::at_rest && table[i].written && table[i].key != to)
-        needed = std::max(needed, stored_bytes(table[i]));
-    if (needed > scratch.size()) scratch.CleanNew(needed);  // may throw: every entry is still readable
-    for (std::uint32_t i = 0; i < table.slots(); ++i) {
-      entry& e = table[i];
-      if (e.st() != entry_state::at_rest || !e.written || e.key == to) continue;
-      // Work on a copy: the entry keeps its old ciphertext until the new one is whole.
-      const std::size_t n = stored_bytes(e);
-      std::byte* buf = reinterpret_cast<std::byte*>(scratch.data());
-      std::memcpy(buf, e.data, n);
-      const auto aad = be64(static_cast<std::uint64_t>(table.handle_of(i)));
-      const key_slot& from = *keys[e.key];
-      try {
-        from.c.open(iv_for(from, counter_block(from, e.aux)), aad_span(aad), {buf, e.size},
-                    {buf + e.size, tag_bytes});
-      } catch (const integrity_error&) {
-        ++integrity_failures;  // altered: left as it is, under its old key
-        continue;
-      }
-      ++decryptions;
+    for (std::uint32_t cursor = 0; cursor < table.slots();) {
+      // A rotation during an earlier batch may have moved the current key on.
+      const std::uint16_t to = current_key;
+      cursor = mark_batch(cursor, to, batch, scratch);  // may throw: all readable still
+      if (batch.empty()) break;
       key_slot& k = *keys[to];
-      const std::uint64_t seq = k.next_seq++;
-      k.c.seal(iv_for(k, counter_block(k, seq)), aad_span(aad), {buf, e.size}, {buf + e.size, tag_bytes});
-      ++k.encryptions, ++encryptions;
-      std::memcpy(e.data, buf, n);
-      ++k.users;
-      drop_user(e.key);
-      e.key = to;
-      e.aux = seq;
+      k.sealing += batch.size();
+      lk.unlock();
+      const std::span scratch_bytes(reinterpret_cast<std::byte*>(scratch.data()), scratch.size());
+      for (reseal& r : batch) reencrypt(r, k, scratch_bytes);
+      lk.lock();
+      const bool whole = commit_batch(batch, to);
+      batch.clear();
+      cv.notify_all();
+      // Every entry is readable under the key it is under; the caller hears of the rest.
+      if (!whole) throw std::bad_alloc();
     }
+  }
+
+  // Marks the next entries (from slot cursor on) to move to key `to`; returns where the
+  // walk stops. The scratch buffer grows for an entry larger than it, alone in its batch.
+  std::uint32_t mark_batch(std::uint32_t cursor, std::uint16_t to, std::vector<reseal>& batch,
+                           CryptoPP::SecByteBlock& scratch) {
+    key_slot& k = *keys[to];
+    std::size_t used = 0;
+    for (; cursor < table.slots() && batch.size() < rotation_batch_entries; ++cursor) {
+      entry& e = table[cursor];
+      if (e.st() != entry_state::at_rest || !e.written || e.key == to) continue;
+      const std::size_t n = stored_bytes(e);
+      if (used + n > scratch.size()) {
+        if (!batch.empty()) break;
+        scratch.CleanNew(n);
+      }
+      batch.push_back({cursor, table.handle_of(cursor), keys[e.key].get(), e.key, e.aux, k.next_seq++, e.data, e.size, used,
+                       reseal::outcome::no_memory});
+      e.set(entry_state::sealing);
+      used += n;
+    }
+    return cursor;
+  }
+
+  // Outside the lock: decrypt a copy under the old key, encrypt it under the new one, and
+  // copy it back only when whole, so a failure leaves the entry as it was.
+  void reencrypt(reseal& r, const key_slot& k, std::span<std::byte> scratch) const noexcept {
+    const std::size_t n = r.size + tag_bytes;
+    std::byte* buf = scratch.data() + r.offset;
+    std::memcpy(buf, r.data, n);
+    const auto aad = be64(static_cast<std::uint64_t>(r.h));
+    try {
+      r.from->c.open(iv_for(*r.from, counter_block(*r.from, r.from_seq)), aad_span(aad), {buf, r.size},
+                     {buf + r.size, tag_bytes});
+      k.c.seal(iv_for(k, counter_block(k, r.to_seq)), aad_span(aad), {buf, r.size}, {buf + r.size, tag_bytes});
+    } catch (const integrity_error&) {
+      r.result = reseal::outcome::altered;  // left as it is, under its old key
+      return;
+    } catch (...) {
+      r.result = reseal::outcome::no_memory;  // the cipher's own allocation failed
+      return;
+    }
+    std::memcpy(r.data, buf, n);
+    r.result = reseal::outcome::done;
+  }
+
+  // Returns whether every entry of the batch moved to the new key or was found altered.
+  bool commit_batch(std::span<const reseal> batch, std::uint16_t to) noexcept {
+    key_slot& k = *keys[to];
+    k.sealing -= batch.size();
+    bool whole = true;
+    for (const reseal& r : batch) {
+      entry& e = table[r.index];
+      e.set(entry_state::at_rest);
+      if (r.result == reseal::outcome::done) {
+        ++decryptions;
+        ++k.encryptions, ++encryptions;
+        ++k.users;
+        drop_user(r.from_id);
+        e.key = to;
+        e.aux = r.to_seq;
+      } else if (r.result == reseal::outcome::altered) {
+        ++integrity_failures;
+      } else {
+        whole = false;
+      }
+      if (e.free_on_return) doom(r.index);  // sealed<T> ended meanwhile
+    }
+    drop_if_unused(to);
+    return whole;
   }
 
   std::span<const std::byte> aad_span(const std::array<std::byte, 8>& aad) const noexcept {
