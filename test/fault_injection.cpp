@@ -21,48 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "test/support/failing_new.hpp"
 #include "test/support/recording_resource.hpp"
-
-// --- the global operator new, made to fail on demand -----------------------------------
-
-namespace {
-
-std::atomic<long> new_countdown{-1};  // -1: never fail
-std::atomic<long> new_failures{0};
-
-void* checked_malloc(std::size_t n, std::size_t alignment) {
-  if (new_countdown.load(std::memory_order_relaxed) >= 0 &&
-      new_countdown.fetch_sub(1, std::memory_order_relaxed) == 0) {
-    new_countdown.store(-1);
-    ++new_failures;
-    throw std::bad_alloc();
-  }
-  if (n == 0) n = 1;
-  void* p = alignment <= alignof(std::max_align_t)
-                ? std::malloc(n)
-                : std::aligned_alloc(alignment, (n + alignment - 1) / alignment * alignment);
-  if (p == nullptr) throw std::bad_alloc();
-  return p;
-}
-
-}  // namespace
-
-void* operator new(std::size_t n) { return checked_malloc(n, 0); }
-void* operator new[](std::size_t n) { return checked_malloc(n, 0); }
-void* operator new(std::size_t n, std::align_val_t a) {
-  return checked_malloc(n, static_cast<std::size_t>(a));
-}
-void* operator new[](std::size_t n, std::align_val_t a) {
-  return checked_malloc(n, static_cast<std::size_t>(a));
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -174,18 +134,18 @@ struct fixture {
 
 void arm(fixture& f, source src, long n) {
   if (src == source::upstream) f.recording.fail_after(static_cast<std::size_t>(n));
-  else new_countdown.store(n);
+  else testing::failing_new::fail_at(n);
 }
 // Disarms, and tells whether a failure was injected since `before`.
 bool disarm(fixture& f, source src, std::size_t before) {
   f.recording.fail_never();
-  new_countdown.store(-1);
+  testing::failing_new::fail_at(-1);
   return src == source::upstream ? f.recording.failures_injected() != before
-                                 : static_cast<std::size_t>(new_failures.load()) != before;
+                                 : static_cast<std::size_t>(testing::failing_new::failures()) != before;
 }
 std::size_t injected(fixture& f, source src) {
   return src == source::upstream ? f.recording.failures_injected()
-                                 : static_cast<std::size_t>(new_failures.load());
+                                 : static_cast<std::size_t>(testing::failing_new::failures());
 }
 
 // Runs op with the N-th allocation from src failing, for N = 0, 1, ... until op runs

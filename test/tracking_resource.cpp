@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 #include <memshuffle/doctest.hpp>
 #include <memshuffle/tracking_resource.hpp>
+#include <test/support/failing_new.hpp>
 #include <test/support/recording_resource.hpp>
 
 #include <algorithm>
@@ -18,26 +19,6 @@
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #endif
-
-// The global operator new refuses large requests while `refuse_large_news` is set, so a
-// test can make the live table's growth fail (its other users here ask for less).
-namespace {
-std::atomic<bool> refuse_large_news{false};
-constexpr std::size_t large_new = 4096;
-// Out of line, so the compiler does not pair free() with operator new and object.
-[[gnu::noinline]] void release(void* p) noexcept { std::free(p); }
-}  // namespace
-
-void* operator new(std::size_t n) {
-  if (n >= large_new && refuse_large_news.load(std::memory_order_relaxed)) throw std::bad_alloc();
-  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) { return operator new(n); }
-void operator delete(void* p) noexcept { release(p); }
-void operator delete[](void* p) noexcept { release(p); }
-void operator delete(void* p, std::size_t) noexcept { release(p); }
-void operator delete[](void* p, std::size_t) noexcept { release(p); }
 
 using memshuffle::bad_deallocation_kind;
 using memshuffle::tracking_options;
@@ -397,10 +378,8 @@ TEST_CASE("a live table that cannot grow refuses before the upstream is asked") 
     {
       // Sooner or later the table needs a larger array than operator new will give.
       // What is seen is only kept here and checked once operator new works again.
-      refuse_large_news = true;
-      struct restore {
-        ~restore() { refuse_large_news = false; }
-      } restore_new;
+      // (Its other users here ask for less than 4 KiB.)
+      const memshuffle::testing::failing_new::scoped_refusal refuse(4096);
       for (int i = 0; i < 100 && !after; ++i) {
         before = tracking.stats();
         upstream_before = upstream.allocations();
