@@ -45,7 +45,8 @@ class ratio_reporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const auto& run : runs) {
       if (run.run_type != Run::RT_Iteration || run.iterations == 0) continue;
-      const std::string name = run.run_name.function_name;
+      std::string name = run.run_name.function_name;
+      if (run.threads > 1) name += "/threads:" + std::to_string(run.threads);
       const double ns = run.GetAdjustedCPUTime() / (name.find("batch") == 0 ? batch_size : 1);
       // The fastest repetition: the one least disturbed by other work on the machine.
       auto [it, fresh] = ns_per_item_.emplace(name, ns);
@@ -69,45 +70,62 @@ class ratio_reporter : public benchmark::ConsoleReporter {
   std::map<std::string, double> ns_per_item_;
 };
 
+struct subject {
+  std::string name;
+  std::pmr::memory_resource* resource;
+  std::string baseline;  // empty: it is a baseline
+  bool thread_safe;
+};
+
 }  // namespace
 
+// With --with_threads, the thread-safe subjects run on two threads at once. A separate
+// run: the resource's lock skips atomics only while the process has one thread, and
+// once a thread has started that is over for the rest of the process.
 int main(int argc, char** argv) {
+  std::vector<char*> args(argv, argv + argc);
+  const auto flag = std::find_if(args.begin(), args.end(), [](const char* a) { return std::string(a) == "--with_threads"; });
+  const int threads = flag != args.end() ? 2 : 1;
+  if (flag != args.end()) args.erase(flag);
+
   std::pmr::memory_resource* new_delete = std::pmr::new_delete_resource();
   std::pmr::unsynchronized_pool_resource pool(new_delete);
+  std::pmr::synchronized_pool_resource sync_pool(new_delete);
   memshuffle::tracking_resource tracked_new_delete(new_delete);
   memshuffle::tracking_resource tracked_new_delete_unsync({.thread_safe = false}, new_delete);
   memshuffle::tracking_resource tracked_pool(&pool);
   memshuffle::tracking_resource tracked_pool_unsync({.thread_safe = false}, &pool);
-
-  const std::vector<std::pair<std::string, std::pmr::memory_resource*>> subjects = {
-      {"new_delete", new_delete},
-      {"tracking(new_delete)", &tracked_new_delete},
-      {"tracking_unsync(new_delete)", &tracked_new_delete_unsync},
-      {"std_pool", &pool},
-      {"tracking(std_pool)", &tracked_pool},
-      {"tracking_unsync(std_pool)", &tracked_pool_unsync},
+  memshuffle::tracking_resource tracked_sync_pool(&sync_pool);
+  const std::vector<subject> subjects = {
+      {"new_delete", new_delete, "", true},
+      {"tracking(new_delete)", &tracked_new_delete, "new_delete", true},
+      {"tracking_unsync(new_delete)", &tracked_new_delete_unsync, "new_delete", false},
+      {"std_pool", &pool, "", false},
+      {"tracking(std_pool)", &tracked_pool, "std_pool", false},  // safe, but over an unsafe pool
+      {"tracking_unsync(std_pool)", &tracked_pool_unsync, "std_pool", false},
+      {"std_sync_pool", &sync_pool, "", true},
+      {"tracking(std_sync_pool)", &tracked_sync_pool, "std_sync_pool", true},
   };
-  for (const auto& [name, r] : subjects) {
-    benchmark::RegisterBenchmark(("pair64/" + name).c_str(), pairs, r)->Repetitions(5);
-    benchmark::RegisterBenchmark(("batch64/" + name).c_str(), batch, r)->Repetitions(5);
+  const std::string suffix = threads > 1 ? "/threads:" + std::to_string(threads) : "";
+  std::vector<std::pair<std::string, std::string>> ratios;
+  for (const subject& x : subjects) {
+    if (threads > 1 && !x.thread_safe) continue;
+    for (const char* shape : {"pair64/", "batch64/"}) {
+      auto* b = benchmark::RegisterBenchmark((shape + x.name).c_str(), std::string(shape) == "pair64/" ? pairs : batch,
+                                             x.resource);
+      b->Repetitions(5)->Threads(threads);
+      if (!x.baseline.empty()) ratios.emplace_back(shape + x.name + suffix, shape + x.baseline + suffix);
+    }
   }
 
   // Repetitions of all benchmarks interleaved, so a burst of load elsewhere hits the
   // tracked and the raw resource alike.
-  std::vector<char*> args(argv, argv + argc);
   std::string interleave = "--benchmark_enable_random_interleaving=true";
   args.insert(args.begin() + 1, interleave.data());
   int args_count = static_cast<int>(args.size());
   benchmark::Initialize(&args_count, args.data());
   ratio_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
-
-  std::vector<std::pair<std::string, std::string>> ratios;
-  for (const char* shape : {"pair64/", "batch64/"})
-    for (const char* upstream : {"new_delete", "std_pool"})
-      for (const char* variant : {"tracking(", "tracking_unsync("})
-        ratios.emplace_back(std::string(shape) + variant + upstream + ")",
-                            std::string(shape) + upstream);
   reporter.print_ratios(ratios);
   benchmark::Shutdown();
 }
