@@ -213,7 +213,7 @@ void heap::release_empty_older(std::uint64_t serial) noexcept {
 
 std::uint32_t heap::arena_number(const std::byte* p) noexcept {
   const auto at = reinterpret_cast<std::uintptr_t>(p);
-  if (at - last_found_.begin >= last_found_.end - last_found_.begin) {
+  if (at - last_found_.begin >= last_found_.end - last_found_.begin) {  // not in it (unsigned)
     auto it = std::upper_bound(chunks_.begin(), chunks_.end(), at,
                                [](std::uintptr_t x, const chunk_ref& c) { return x < c.begin; });
     last_found_ = *--it;
@@ -257,7 +257,7 @@ void heap::plan(std::span<move> moves, std::span<const std::uint32_t> order,
   for (const window& w : windows) {
     // The window is read in its placement order, at random: ask for all of it first.
     for (std::uint32_t k = w.first; k < w.last; k += 2) __builtin_prefetch(&moves[k]);
-    if (is_full(w) && filling_ != destinations_.size() &&
+    if (w.whole && filling_ != destinations_.size() &&
         destinations_[filling_].a->limit - destinations_[filling_].top < w.bytes)
       filling_ = destinations_.size();  // the next arena, not the room left here
     for (std::uint32_t k = w.first; k < w.last; ++k) {

@@ -23,11 +23,6 @@ struct request {
   std::size_t alignment;  // a power of two
 };
 
-struct region {
-  std::byte* p;
-  std::size_t bytes;
-};
-
 // One entry of a full shuffle: where it is, where it goes (set by begin_shuffle), and
 // its table slot (which the heap never reads).
 struct move {
@@ -40,10 +35,13 @@ struct move {
 
 // The entries of one source arena: moves [first, last), placed in the order that
 // order [first, last) gives (a permutation of the same range of indices).
+// whole: when it does not fit in the room left in the arena being filled, it starts the
+// next arena rather than being split across two.
 struct window {
   std::uint32_t arena;  // its arena_number
   std::uint32_t first, last;
   std::size_t bytes;    // of all its moves
+  bool whole;
 };
 
 class heap {
@@ -82,10 +80,6 @@ class heap {
   // none of those is free yet. Arenas holding an entry at stay are never reused. Opens
   // the fresh arenas now: on std::bad_alloc the heap is exactly as before. Once it
   // returns, every window must be moved, in order, and the shuffle ended.
-  // A window of about an arena's worth (is_full) that does not fit in the room left
-  // starts the next arena rather than being split across two, so the entries that
-  // share an arena keep sharing one; smaller windows are packed.
-  bool is_full(const window& w) const noexcept { return w.bytes >= arena_size_ - arena_size_ / 16; }
   void begin_shuffle(std::span<move> moves, std::span<const std::uint32_t> order,
                      std::span<const window> windows, std::span<std::byte* const> stay);
   // Copies a window's entries to their destinations and wipes what they left (the

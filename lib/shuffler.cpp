@@ -364,16 +364,19 @@ struct shuffler::impl {
     }
     std::uint32_t first = 0;
     for (std::uint32_t a = 0; a < arenas; ++a) {
-      if (run_end[a] != first) windows.push_back({a, first, run_end[a], run_bytes[a]});
+      if (run_end[a] != first) windows.push_back({a, first, run_end[a], run_bytes[a], false});
       first += static_cast<std::uint32_t>(heap.entries_in(a));
     }
   }
 
-  // With randomize_layout, the windows in random order and each window's entries
-  // placed in random order. The new layout keeps no trace of the old one, yet each
-  // window is read from one arena and written to one or two, so the shuffle walks
-  // memory nearly in order. Without it, arenas in the order they were filled and
-  // entries by address: the layout stays as it is.
+  // With randomize_layout: the windows of about an arena's worth in random order, each
+  // to an arena of its own, then the smaller ones in random order, packed; entries in
+  // random order within each window. The new layout keeps no trace of the old one, yet
+  // an arena's entries (which, after allocation, sit in neighbouring slots) stay
+  // together, so both the slots and the bytes are walked nearly in order. (Packed in
+  // random order, full windows would share arenas with random others, and after a few
+  // shuffles every slot would lie in a random arena.) Without randomize_layout: arenas
+  // in the order they were filled, entries by address, packed: the order is kept.
   void order_windows() {
     for (const detail::window& w : windows)
       for (std::uint32_t k = w.first; k < w.last; ++k) placement[k] = k;
@@ -388,9 +391,8 @@ struct shuffler::impl {
       }
       return;
     }
-    // Full windows first, each to an arena of its own; the rest are packed after them.
-    const auto partial = std::partition(windows.begin(), windows.end(),
-                                        [&](const detail::window& w) { return heap.is_full(w); });
+    for (detail::window& w : windows) w.whole = w.bytes >= opt.arena_size - opt.arena_size / 16;
+    const auto partial = std::partition(windows.begin(), windows.end(), [](const detail::window& w) { return w.whole; });
     shuffle_range(std::span(windows.begin(), partial), rng);
     shuffle_range(std::span(partial, windows.end()), rng);
     for (const detail::window& w : windows)

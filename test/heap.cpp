@@ -11,7 +11,6 @@
 #include "test/support/recording_resource.hpp"
 
 using memshuffle::detail::heap;
-using memshuffle::detail::region;
 using memshuffle::detail::request;
 using memshuffle::testing::recording_resource;
 
@@ -165,7 +164,7 @@ struct rolling {
       if (std::find(stay.begin(), stay.end(), p) != stay.end()) continue;
       const std::uint32_t a = h.arena_number(p);
       if (windows.empty() || windows.back().arena != a)
-        windows.push_back({a, static_cast<std::uint32_t>(moves.size()), 0, 0});
+        windows.push_back({a, static_cast<std::uint32_t>(moves.size()), 0, 0, false});
       order.push_back(static_cast<std::uint32_t>(moves.size()));
       moves.push_back({p, nullptr, bytes, static_cast<std::uint32_t>(moves.size()), 3});
       windows.back().last = static_cast<std::uint32_t>(moves.size());
