@@ -1,6 +1,7 @@
 #include "heap.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <new>
 
@@ -54,6 +55,7 @@ class heap::arena final : public std::pmr::memory_resource {
     chunks.insert(std::upper_bound(chunks.begin(), chunks.end(), ref,
                                    [](const chunk_ref& x, const chunk_ref& y) { return x.begin < y.begin; }),
                   ref);
+    owner_.granules_stale_ = true;
     has_chunk = true;
     base = top = b;
     limit = b + bytes - std::min<std::size_t>(bytes, chunk_header_allowance);
@@ -68,7 +70,7 @@ class heap::arena final : public std::pmr::memory_resource {
     const auto b = reinterpret_cast<std::uintptr_t>(p);
     chunks.erase(std::lower_bound(chunks.begin(), chunks.end(), b,
                                   [](const chunk_ref& c, std::uintptr_t x) { return c.begin < x; }));
-    if (owner_.last_found_.owner == this) owner_.last_found_ = {0, 0, nullptr};
+    owner_.granules_stale_ = true;
     has_chunk = false;
     owner_.reserved_ -= bytes;
     owner_.upstream_->deallocate(p, bytes, alignment);
@@ -211,14 +213,39 @@ void heap::release_empty_older(std::uint64_t serial) noexcept {
   }
 }
 
-std::uint32_t heap::arena_number(const std::byte* p) noexcept {
+std::uint32_t heap::arena_number(const std::byte* p) const noexcept {
+  if (granules_stale_) return static_cast<std::uint32_t>(arena_of(p)->pos);
   const auto at = reinterpret_cast<std::uintptr_t>(p);
-  if (at - last_found_.begin >= last_found_.end - last_found_.begin) {  // not in it (unsigned)
-    auto it = std::upper_bound(chunks_.begin(), chunks_.end(), at,
-                               [](std::uintptr_t x, const chunk_ref& c) { return x < c.begin; });
-    last_found_ = *--it;
+  const granule& g = granules_[(at - granule_base_) >> granule_shift_];
+  return at >= g.boundary ? g.above : g.below;
+}
+
+void heap::index_arenas() {
+  granules_.clear();
+  granules_stale_ = true;
+  if (chunks_.empty()) return;
+  std::uintptr_t smallest = chunks_.front().end - chunks_.front().begin;
+  for (const chunk_ref& c : chunks_) smallest = std::min(smallest, c.end - c.begin);
+  granule_shift_ = static_cast<unsigned>(std::bit_width(smallest) - 1);
+  granule_base_ = chunks_.front().begin;
+  const std::size_t count = ((chunks_.back().end - 1 - granule_base_) >> granule_shift_) + 1;
+  if (count > 4 * chunks_.size() + 64) return;  // spread thinly: searching costs less memory
+  granules_.resize(count);
+  for (const chunk_ref& c : chunks_) {
+    const auto number = static_cast<std::uint32_t>(c.owner->pos);
+    const std::size_t first = (c.begin - granule_base_) >> granule_shift_;
+    const std::size_t last = (c.end - 1 - granule_base_) >> granule_shift_;
+    for (std::size_t g = first; g <= last; ++g) {
+      const std::uintptr_t start = granule_base_ + (std::uintptr_t{g} << granule_shift_);
+      if (g == first && c.begin > start) {
+        granules_[g].boundary = c.begin;  // the chunk before, if any, set `below`
+        granules_[g].above = number;
+      } else {
+        granules_[g] = {0, number, number};
+      }
+    }
   }
-  return static_cast<std::uint32_t>(last_found_.owner->pos);
+  granules_stale_ = false;
 }
 
 std::size_t heap::entries_in(std::uint32_t number) const noexcept { return arenas_[number]->entries; }

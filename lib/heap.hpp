@@ -72,7 +72,10 @@ class heap {
   //
   // Arenas are numbered 0 .. arenas() - 1 for the shuffle (the number of the arena
   // holding p, which must lie in one); the numbers hold until end_shuffle().
-  std::uint32_t arena_number(const std::byte* p) noexcept;
+  // index_arenas() makes arena_number() cost a lookup instead of a search until the
+  // arenas change (it can throw std::bad_alloc, and changes nothing else).
+  void index_arenas();
+  std::uint32_t arena_number(const std::byte* p) const noexcept;
   std::size_t entries_in(std::uint32_t arena) const noexcept;
   std::uint64_t serial_at(std::uint32_t arena) const noexcept;
   // Sets every move's destination, windows in order, into the arenas that hold
@@ -133,7 +136,18 @@ class heap {
   std::uint64_t next_serial_ = 0;
   std::size_t reserved_ = 0;
   std::uint64_t released_ = 0;
-  chunk_ref last_found_{0, 0, nullptr};  // arena_number()'s guess: entries come in runs
+  // arena_number()'s index: the chunks' address range cut into granules no larger than
+  // the smallest chunk, so a granule holds the end of one chunk and the start of the
+  // next at most. Stale once a chunk comes or goes; none when the chunks are spread
+  // too thinly (arena_of() then).
+  struct granule {
+    std::uintptr_t boundary;      // where `above` starts (0: the whole granule)
+    std::uint32_t below, above;   // arena numbers
+  };
+  std::vector<granule> granules_;
+  std::uintptr_t granule_base_ = 0;
+  unsigned granule_shift_ = 0;
+  bool granules_stale_ = true;
 
   // The shuffle under way.
   std::vector<std::uint8_t> role_;           // by arena number

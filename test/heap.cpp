@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <set>
 #include <span>
 #include <vector>
 
@@ -180,6 +181,28 @@ struct rolling {
 };
 
 }  // namespace
+
+TEST_CASE("arena_number names the arena an address lies in, with the index and without") {
+  recording_resource up;
+  heap h(&up, arena_size);
+  std::vector<std::pair<std::byte*, std::size_t>> entries;
+  for (std::size_t i = 0; i < 300; ++i) {
+    const std::size_t bytes = 64 + (i % 5) * 200;
+    entries.push_back({h.place(bytes, 8), bytes});
+  }
+  entries.push_back({h.place(3 * arena_size, 64), 3 * arena_size});  // spans several granules
+  std::vector<std::uint32_t> searched;
+  for (const auto& [p, bytes] : entries) searched.push_back(h.arena_number(p));  // no index yet
+  h.index_arenas();
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    CAPTURE(i);
+    const auto& [p, bytes] = entries[i];
+    CHECK(searched[i] < h.arenas());
+    CHECK(h.arena_number(p) == searched[i]);
+    CHECK(h.arena_number(p + bytes - 1) == searched[i]);
+  }
+  CHECK(std::set(searched.begin(), searched.end()).size() == h.arenas());
+}
 
 TEST_CASE("a full shuffle reuses the arenas it empties, so the upstream lends one more at most") {
   recording_resource up;
