@@ -262,6 +262,7 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const std::uint32_t> o
   destinations_.reserve(count + 8);
   next_free_ = 0;
   for (std::byte* p : stay) role_[arena_number(p)] |= keeps_entry;
+  keeps_any_ = !stay.empty();
   for (const window& w : windows) role_[w.arena] |= has_window;
   for (std::uint32_t i = 0; i < count; ++i)
     if (role_[i] == 0 && arenas_[i]->capacity == arena_size_) free_arenas_.push_back(i);
@@ -273,7 +274,7 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const std::uint32_t> o
   }
   // Nothing can fail from here on. The arenas with nothing to move are emptied now.
   for (std::uint32_t i = 0; i < count; ++i)
-    if (role_[i] == 0) empty(*arenas_[i]);
+    if ((role_[i] & (keeps_entry | has_window)) == 0) empty(i);
 }
 
 // Simulates the bump placement of every move, windows in order, with the arenas'
@@ -308,7 +309,7 @@ void heap::plan(std::span<move> moves, std::span<const std::uint32_t> order,
       ++d.entries;
     }
     const arena& source = *arenas_[w.arena];
-    if (role_[w.arena] == has_window && source.capacity == arena_size_) free_arenas_.push_back(w.arena);
+    if (!(role_[w.arena] & keeps_entry) && source.capacity == arena_size_) free_arenas_.push_back(w.arena);
   }
 }
 
@@ -322,6 +323,7 @@ bool heap::fits(const destination& d, const move& m) const noexcept {
 // (its chunk taken now, aligned for the entry about to go there).
 void heap::next_destination(std::size_t alignment) {
   if (next_free_ < free_arenas_.size()) {
+    role_[free_arenas_[next_free_]] |= reused;
     arena& a = *arenas_[free_arenas_[next_free_++]];
     destinations_.push_back({&a, a.base, 0, false});
   } else {
@@ -345,11 +347,12 @@ void heap::place_alone(move& m) {
   if (none_filling) filling_ = destinations_.size();
 }
 
-// An arena whose entries have all left: wiped whole and rewound, a destination now.
-// An arena of its own is only marked empty: it goes back (wiped) at the end.
-void heap::empty(arena& a) noexcept {
+// An arena whose entries have all left. One the plan reuses is wiped whole, poisoned
+// and rewound, a destination now; any other goes back at the end, wiped then.
+void heap::empty(std::uint32_t number) noexcept {
+  arena& a = *arenas_[number];
   a.entries = 0;
-  if (a.capacity != arena_size_) return;
+  if (!(role_[number] & reused)) return;
   const std::size_t used = a.top - a.base;
   secure_wipe(reinterpret_cast<std::byte*>(a.base), used);
   poison(reinterpret_cast<std::byte*>(a.base), used);
@@ -372,11 +375,12 @@ void heap::move_window(std::span<const move> moves, std::uint32_t number) noexce
     }
     source.entries -= moves.size();
   } else {
-    empty(source);
+    empty(number);
   }
 }
 
 void heap::drop(std::byte* p, std::size_t bytes) noexcept {
+  if (!keeps_any_) return;  // every arena with a freed entry was emptied whole
   const std::uint32_t number = arena_number(p);
   if (!(role_[number] & keeps_entry)) return;  // its arena was emptied whole
   secure_wipe(p, bytes);

@@ -116,7 +116,7 @@ class heap {
     std::size_t entries;
     bool placed;  // an arena of its own, its one entry placed for real already
   };
-  enum : std::uint8_t { keeps_entry = 1, has_window = 2 };
+  enum : std::uint8_t { keeps_entry = 1, has_window = 2, reused = 4 };
 
   arena& open_arena(std::size_t capacity);
   void* try_place(arena& a, const request& r);
@@ -126,7 +126,7 @@ class heap {
   bool fits(const destination& d, const move& m) const noexcept;
   void next_destination(std::size_t alignment);
   void place_alone(move& m);
-  void empty(arena& a) noexcept;
+  void empty(std::uint32_t number) noexcept;
 
   std::pmr::memory_resource* upstream_;
   std::size_t arena_size_;
@@ -151,6 +151,7 @@ class heap {
 
   // The shuffle under way.
   std::vector<std::uint8_t> role_;           // by arena number
+  bool keeps_any_ = false;                   // an arena keeps an entry that stays
   std::vector<std::uint32_t> free_arenas_;   // emptied, by number, in the order they empty
   std::size_t next_free_ = 0;
   std::vector<destination> destinations_;    // in the order they are filled
