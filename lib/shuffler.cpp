@@ -109,7 +109,8 @@ std::size_t bounded(layout_rng& rng, std::size_t bound) {
   return static_cast<std::size_t>(((rng() & 0xFFFF'FFFF) * bound) >> 32);
 }
 
-void shuffle_order(std::vector<std::uint32_t>& v, layout_rng& rng) {
+template <class T>
+void shuffle_range(std::span<T> v, layout_rng& rng) {
   for (std::size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[bounded(rng, i)]);
 }
 
@@ -166,16 +167,19 @@ struct shuffler::impl {
   } pass;
 
   // Reused between shuffles so a steady heap does not allocate for them.
-  std::vector<std::uint32_t> moves, doomed, windows, window_order, window_base;
+  std::vector<std::uint32_t> moves, doomed, run_end;
+  std::vector<std::size_t> run_bytes;
   struct move_item {
     std::byte* src;
     std::size_t bytes;
     std::uint32_t index, align_log2;
   };
-  std::vector<move_item> items, ordered;
+  std::vector<move_item> items;
+  std::vector<detail::move> plan;  // a full shuffle's moves, by source arena, in slot order
+  std::vector<std::uint32_t> placement;  // the order plan's moves are placed in
+  std::vector<detail::window> windows;
   std::vector<std::byte*> stays, dest;
   std::vector<detail::request> reqs;
-  std::vector<detail::region> left;
 
   std::uint64_t ops = 0;
   std::size_t live_entries = 0, live_bytes = 0, pinned = 0, pending_free = 0;
@@ -299,102 +303,107 @@ struct shuffler::impl {
     shuffle_time += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
   }
 
+  // A full shuffle, rolling (docs/design.md, "Heap"): the entries at rest leave their
+  // arenas one source arena (a window) at a time, windows in random order and entries
+  // in random order within each, and every arena emptied this way is a destination for
+  // the windows after it. So the upstream holds the heap plus a few arenas at the
+  // peak, and memory it already had is reused instead of fresh pages.
   void shuffle_all() {
     const auto t0 = std::chrono::steady_clock::now();
-    items.clear(), doomed.clear(), stays.clear(), left.clear(), reqs.clear();
-    // Slots are read in order; layout_order() then decides where each entry goes.
-    for (std::uint32_t i = 0; i < table.slots(); ++i) {
-      const entry& e = table[i];
-      switch (e.st()) {
-        case entry_state::at_rest:
-          items.push_back({e.data, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)});
-          break;
-        case entry_state::doomed: doomed.push_back(i); break;
-        case entry_state::unused: break;
-        default: stays.push_back(e.data); break;  // pinned or in transition
+    gather_by_arena();
+    order_windows();
+    heap.begin_shuffle(plan, placement, windows, stays);  // the only step that can fail; nothing changed yet
+    for (const detail::window& w : windows) {
+      const std::span<const detail::move> batch(plan.data() + w.first, w.last - w.first);
+      heap.move_window(batch, w.arena);
+      // Slots come in order, but entries allocated into freed slots lie in other arenas
+      // than their neighbours: asking early hides the misses they cost.
+      constexpr std::size_t ahead = 16;
+      for (std::size_t k = 0; k < batch.size(); ++k) {
+        if (k + ahead < batch.size()) __builtin_prefetch(&table[batch[k + ahead].slot], 1);
+        table[batch[k].slot].data = batch[k].to;
+        bytes_moved += batch[k].bytes;
       }
-    }
-    layout_order();
-    if (opt.randomize_layout) {
-      ordered.resize(items.size());
-      for (std::size_t k = 0; k < items.size(); ++k) ordered[moves[k]] = items[k];
-      items.swap(ordered);
-    }
-    for (const move_item& m : items) reqs.push_back({m.bytes, std::size_t{1} << m.align_log2});
-    dest.resize(items.size());
-    left.reserve(items.size() + doomed.size());
-    const std::uint64_t serial = heap.next_serial();
-    heap.place_all(reqs, dest, true);  // the only step that can fail; nothing changed yet
-
-    // Destinations are written in order; slots and sources are visited within a window
-    // (the sources of a window were laid out together by the shuffle before, or the
-    // allocations before it). Asking for them early hides what misses remain.
-    constexpr std::size_t ahead = 16;
-    for (std::size_t k = 0; k < items.size(); ++k) {
-      if (k + ahead < items.size()) {
-        __builtin_prefetch(items[k + ahead].src);
-        __builtin_prefetch(&table[items[k + ahead].index], 1);
-      }
-      const move_item& m = items[k];
-      std::memcpy(dest[k], m.src, m.bytes);
-      left.push_back({m.src, m.bytes});
-      table[m.index].data = dest[k];
-      bytes_moved += m.bytes;
     }
     for (std::uint32_t i : doomed) {
-      left.push_back({table[i].data, stored_bytes(table[i])});
+      heap.drop(table[i].data, stored_bytes(table[i]));
       table.recycle(i);
     }
     pending_free -= doomed.size();
-    heap.retire_older(serial, stays, left);
+    heap.end_shuffle();
     pass.active = false;
     ++shuffles;
     timed(t0);
   }
 
-  // Where a full shuffle lays out the entries of items (listed in slot order): moves[k]
-  // is the place in the new layout of items[k]. With randomize_layout the list is cut
-  // into windows of at most layout_window entries and about an arena's worth of bytes,
-  // the first cut at a random offset; the windows go in random order and the entries
-  // of each window in random order. Entries are then scattered within a window's range
-  // and everything else walks in order, so a shuffle stays nearly sequential, yet the
-  // layout is a fresh random one each time (and the moving cut mixes neighbours across
-  // windows from one shuffle to the next).
-  static constexpr std::size_t layout_window = 256;
-  void layout_order() {
-    const std::size_t n = items.size();
-    moves.resize(n);
-    for (std::uint32_t k = 0; k < n; ++k) moves[k] = k;
-    if (!opt.randomize_layout || n < 2) return;
-    // The first entry of each window, in slot order.
-    windows.clear();
-    const std::size_t cut = n > layout_window ? bounded(rng, layout_window) : 0;
-    const std::size_t limit = std::max(heap.arena_size(), std::size_t{1});
-    std::size_t count = 0, bytes = 0;
-    for (std::size_t k = 0; k < n; ++k) {
-      if (k == 0 || k == cut || count == layout_window || bytes >= limit) {
-        windows.push_back(static_cast<std::uint32_t>(k));
-        count = 0, bytes = 0;
+  // One pass over the slots: the entries at rest go to their arena's run of plan (each
+  // arena's run is as long as the entries it holds, so nothing is sorted), the freed
+  // ones to doomed, the pinned or in transition ones to stays; then one window per
+  // arena with entries to move.
+  void gather_by_arena() {
+    doomed.clear(), stays.clear(), windows.clear();
+    heap.index_arenas();
+    const auto arenas = static_cast<std::uint32_t>(heap.arenas());
+    run_end.resize(arenas);
+    run_bytes.assign(arenas, 0);
+    std::uint32_t total = 0;
+    for (std::uint32_t a = 0; a < arenas; ++a) {
+      run_end[a] = total;  // the next free place of the run, for now
+      total += static_cast<std::uint32_t>(heap.entries_in(a));
+    }
+    if (plan.size() < total) plan.resize(total);
+    if (placement.size() < total) placement.resize(total);
+    windows.reserve(arenas);
+    for (std::uint32_t i = 0; i < table.slots(); ++i) {
+      const entry& e = table[i];
+      switch (e.st()) {
+        case entry_state::at_rest: {
+          const std::uint32_t a = heap.arena_number(e.data);
+          plan[run_end[a]++] = {e.data, nullptr, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)};
+          run_bytes[a] += stored_bytes(e);
+          break;
+        }
+        case entry_state::doomed: doomed.push_back(i); break;
+        case entry_state::unused: break;
+        default: stays.push_back(e.data); break;
       }
-      ++count, bytes += items[k].bytes;
     }
-    // The windows in random order; each one's first place in the new layout.
-    const std::size_t count_windows = windows.size();
-    window_order.resize(count_windows);
-    for (std::uint32_t j = 0; j < count_windows; ++j) window_order[j] = j;
-    shuffle_order(window_order, rng);
-    const auto window_end = [&](std::size_t j) { return j + 1 < count_windows ? windows[j + 1] : n; };
-    window_base.resize(count_windows);
-    std::uint32_t at = 0;
-    for (std::uint32_t j : window_order) {
-      window_base[j] = at;
-      at += static_cast<std::uint32_t>(window_end(j) - windows[j]);
+    std::uint32_t first = 0;
+    for (std::uint32_t a = 0; a < arenas; ++a) {
+      if (run_end[a] != first) windows.push_back({a, first, run_end[a], run_bytes[a], false});
+      first += static_cast<std::uint32_t>(heap.entries_in(a));
     }
-    for (std::size_t j = 0; j < count_windows; ++j) {
-      const std::span<std::uint32_t> w(moves.data() + windows[j], window_end(j) - windows[j]);
-      for (std::size_t k = 0; k < w.size(); ++k) w[k] = window_base[j] + static_cast<std::uint32_t>(k);
-      for (std::size_t k = w.size(); k > 1; --k) std::swap(w[k - 1], w[bounded(rng, k)]);
+  }
+
+  // With randomize_layout: the windows of about an arena's worth in random order, each
+  // to an arena of its own, then the smaller ones in random order, packed; entries in
+  // random order within each window. The new layout keeps no trace of the old one, yet
+  // an arena's entries (which, after allocation, sit in neighbouring slots) stay
+  // together, so both the slots and the bytes are walked nearly in order. (Packed in
+  // random order, full windows would share arenas with random others, and after a few
+  // shuffles every slot would lie in a random arena.) Without randomize_layout: arenas
+  // in the order they were filled, entries by address, packed: the order is kept.
+  void order_windows() {
+    for (const detail::window& w : windows)
+      for (std::uint32_t k = w.first; k < w.last; ++k) placement[k] = k;
+    if (!opt.randomize_layout) {
+      std::sort(windows.begin(), windows.end(), [&](const detail::window& x, const detail::window& y) {
+        return heap.serial_at(x.arena) < heap.serial_at(y.arena);
+      });
+      const auto by_address = [&](std::uint32_t x, std::uint32_t y) { return plan[x].from < plan[y].from; };
+      for (const detail::window& w : windows) {
+        const auto first = placement.begin() + w.first, last = placement.begin() + w.last;
+        if (!std::is_sorted(first, last, by_address)) std::sort(first, last, by_address);
+      }
+      return;
     }
+    for (detail::window& w : windows) w.whole = w.bytes >= opt.arena_size - opt.arena_size / 16;
+    const auto partial = std::partition(windows.begin(), windows.end(), [](const detail::window& w) { return w.whole; });
+    shuffle_range(std::span(windows.begin(), partial), rng);
+    shuffle_range(std::span(partial, windows.end()), rng);
+    for (const detail::window& w : windows)
+      for (std::uint32_t k = w.last - w.first; k > 1; --k)
+        std::swap(placement[w.first + k - 1], placement[w.first + bounded(rng, k)]);
   }
 
   // The ratio policy's compaction: entries move in address order, an arena's worth at a
@@ -449,7 +458,7 @@ struct shuffler::impl {
     if (starting) {
       for (std::uint32_t i = 0; i < table.slots(); ++i)
         if (table[i].live()) order.push_back(i);
-      if (opt.randomize_layout) shuffle_order(order, rng);
+      if (opt.randomize_layout) shuffle_range(std::span(order), rng);
       serial = heap.next_serial();
       cursor = 0;
     }

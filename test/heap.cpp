@@ -4,13 +4,14 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <set>
+#include <span>
 #include <vector>
 
 #include "lib/heap.hpp"
 #include "test/support/recording_resource.hpp"
 
 using memshuffle::detail::heap;
-using memshuffle::detail::region;
 using memshuffle::detail::request;
 using memshuffle::testing::recording_resource;
 
@@ -149,29 +150,124 @@ TEST_CASE("a failed placement in the arena being filled rewinds it") {
   CHECK(next == first + 64);  // what the failed call took from the arena is back
 }
 
-TEST_CASE("retire_older keeps the arenas of entries that stay and gives back the rest") {
+namespace {
+
+// A full shuffle of the entries in old (all of one size, 8-aligned) but those at stay:
+// one window per arena, arenas and entries in the order they were filled.
+struct rolling {
+  std::vector<memshuffle::detail::move> moves;
+  std::vector<std::uint32_t> order;
+  std::vector<memshuffle::detail::window> windows;
+
+  rolling(heap& h, const std::vector<std::byte*>& old, std::size_t bytes,
+          const std::vector<std::byte*>& stay = {}) {
+    for (std::byte* p : old) {
+      if (std::find(stay.begin(), stay.end(), p) != stay.end()) continue;
+      const std::uint32_t a = h.arena_number(p);
+      if (windows.empty() || windows.back().arena != a)
+        windows.push_back({a, static_cast<std::uint32_t>(moves.size()), 0, 0, false});
+      order.push_back(static_cast<std::uint32_t>(moves.size()));
+      moves.push_back({p, nullptr, bytes, static_cast<std::uint32_t>(moves.size()), 3});
+      windows.back().last = static_cast<std::uint32_t>(moves.size());
+      windows.back().bytes += bytes;
+    }
+  }
+  void run(heap& h, const std::vector<std::byte*>& stay = {}) {
+    h.begin_shuffle(moves, order, windows, stay);
+    for (const auto& w : windows)
+      h.move_window(std::span(moves).subspan(w.first, w.last - w.first), w.arena);
+    h.end_shuffle();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("arena_number names the arena an address lies in, with the index and without") {
+  recording_resource up;
+  heap h(&up, arena_size);
+  std::vector<std::pair<std::byte*, std::size_t>> entries;
+  for (std::size_t i = 0; i < 300; ++i) {
+    const std::size_t bytes = 64 + (i % 5) * 200;
+    entries.push_back({h.place(bytes, 8), bytes});
+  }
+  entries.push_back({h.place(3 * arena_size, 64), 3 * arena_size});  // spans several granules
+  std::vector<std::uint32_t> searched;
+  for (const auto& [p, bytes] : entries) searched.push_back(h.arena_number(p));  // no index yet
+  h.index_arenas();
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    CAPTURE(i);
+    const auto& [p, bytes] = entries[i];
+    CHECK(searched[i] < h.arenas());
+    CHECK(h.arena_number(p) == searched[i]);
+    CHECK(h.arena_number(p + bytes - 1) == searched[i]);
+  }
+  CHECK(std::set(searched.begin(), searched.end()).size() == h.arenas());
+}
+
+TEST_CASE("a full shuffle reuses the arenas it empties, so the upstream lends one more at most") {
+  recording_resource up;
+  up.keep_freed(true);
+  heap h(&up, arena_size);
+  std::vector<std::byte*> old;
+  while (h.arenas() < 8) old.push_back(h.place(64, 8));
+  for (std::byte* p : old) std::memcpy(p, marker.data(), marker.size());
+  const std::size_t arenas = h.arenas(), allocations = up.allocations();
+  rolling r(h, old, 64);
+  r.run(h);
+  CHECK(up.allocations() <= allocations + 1);  // one fresh arena to start the chain
+  CHECK(h.arenas() <= arenas);
+  CHECK(h.reserved_bytes() == up.outstanding_bytes());
+  for (const auto& m : r.moves) {
+    CHECK(m.to != m.from);
+    CHECK(aligned(m.to, 8));
+    CHECK(std::memcmp(m.to, marker.data(), marker.size()) == 0);  // copied
+  }
+  std::vector<std::byte*> now;
+  for (const auto& m : r.moves) now.push_back(m.to);
+  std::sort(now.begin(), now.end());
+  for (std::size_t i = 1; i < now.size(); ++i) CHECK(now[i] - now[i - 1] >= 64);  // no overlap
+  // Every entry's bytes are where they went, and nowhere else the upstream holds.
+  for (std::byte* p : now) std::memset(p, 0, 64);
+  CHECK_FALSE(ever_held(up, marker));
+}
+
+TEST_CASE("a full shuffle keeps the arena of an entry that stays, wiping what left it") {
   recording_resource up;
   up.keep_freed(true);
   heap h(&up, arena_size);
   std::vector<std::byte*> old;
   while (h.arenas() < 3) old.push_back(h.place(64, 8));
   std::byte* pinned = old.front();
-  std::byte* moved_neighbour = old[1];
-  std::memcpy(moved_neighbour, marker.data(), marker.size());
-  const auto serial = h.next_serial();
-  std::vector<request> reqs(old.size() - 1, request{64, 8});
-  std::vector<std::byte*> dest(reqs.size());
-  h.place_all(reqs, dest, true);
-  std::vector<region> left;
-  for (std::size_t i = 1; i < old.size(); ++i) left.push_back({old[i], 64});
-  std::byte* stay[] = {pinned};
-  h.retire_older(serial, stay, left);
-  CHECK(h.serial_of(pinned) < serial);           // its arena is still there
-  CHECK(h.arenas_released() == 2);              // the two others went back
-  CHECK_FALSE(ever_held(up, marker));             // the moved-from neighbour was wiped in place
+  std::memcpy(old[1], marker.data(), marker.size());  // moves out of the pinned entry's arena
+  rolling r(h, old, 64, {pinned});
+  r.run(h, {pinned});
+  for (const auto& m : r.moves) std::memset(m.to, 0, m.bytes);  // the copy does not count
+  CHECK_FALSE(ever_held(up, marker));  // wiped in place, its arena still held
+  const std::uint32_t kept = h.arena_number(pinned);
+  for (const auto& m : r.moves) CHECK(h.arena_number(m.to) != kept);
   // The kept arena counts the one entry left: vacating it gives the arena back.
+  const auto released = h.arenas_released();
   h.vacate(pinned, 64);
-  CHECK(h.arenas_released() == 3);
+  CHECK(h.arenas_released() == released + 1);
+}
+
+TEST_CASE("a full shuffle that cannot get a fresh arena changes nothing") {
+  recording_resource up;
+  heap h(&up, arena_size);
+  std::vector<std::byte*> old;
+  while (h.arenas() < 3) old.push_back(h.place(64, 8));
+  for (std::size_t i = 0; i < old.size(); ++i) std::memset(old[i], static_cast<int>(i), 64);
+  const std::size_t reserved = h.reserved_bytes(), arenas = h.arenas();
+  rolling r(h, old, 64);
+  up.fail_after(0);
+  CHECK_THROWS_AS(h.begin_shuffle(r.moves, r.order, r.windows, {}), std::bad_alloc);
+  up.fail_never();
+  CHECK(h.reserved_bytes() == reserved);
+  CHECK(h.arenas() == arenas);
+  CHECK(up.outstanding() == arenas);
+  for (std::size_t i = 0; i < old.size(); ++i) CHECK(std::to_integer<int>(old[i][63]) == static_cast<int>(i % 256));
+  r.run(h);  // and it can still run in full
+  for (const auto& m : r.moves) CHECK(m.to != m.from);
 }
 
 #ifdef MEMSHUFFLE_ASAN

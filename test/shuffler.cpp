@@ -617,12 +617,12 @@ double neighbours_kept(const std::vector<double>& before, const std::vector<doub
 }  // namespace
 
 TEST_CASE("with randomize_layout every shuffle lays the entries out in a fresh random order") {
-  constexpr std::size_t count = 20000;  // about 80 windows of 256 entries
+  constexpr std::size_t count = 20000;  // 16 bytes each on average: about 80 arenas of 4 KiB, one window each
   for (bool randomize : {true, false}) {
     for (int run = 0; run < 3; ++run) {  // each shuffler draws its own layout seed
       CAPTURE(randomize);
       CAPTURE(run);
-      shuffler s({.cipher = cipher_kind::none, .randomize_layout = randomize, .arena_size = 16 * 1024});
+      shuffler s({.cipher = cipher_kind::none, .randomize_layout = randomize, .arena_size = 4 * 1024});
       std::vector<handle> hs;
       for (std::size_t i = 0; i < count; ++i) hs.push_back(s.alloc<std::uint64_t>(1 + i % 3));
       std::vector<double> allocation(count);
@@ -642,7 +642,8 @@ TEST_CASE("with randomize_layout every shuffle lays the entries out in a fresh r
         CAPTURE(from_previous);
         CAPTURE(neighbours);
         if (randomize) {
-          // Random windows in random order: no trace of either order, near or far
+          // Windows (an arena's entries each) in random order, and entries in random
+          // order within each: no trace of either order, near or far
           // (|rho| > 0.5 has odds of about 1e-5 for 80 windows placed at random).
           CHECK(std::abs(from_allocation) < 0.5);
           CHECK(std::abs(from_previous) < 0.5);
@@ -654,6 +655,76 @@ TEST_CASE("with randomize_layout every shuffle lays the entries out in a fresh r
         previous = now;
       }
     }
+  }
+}
+
+TEST_CASE("a full shuffle reuses the arenas it empties: the upstream lends a few arenas beyond the heap") {
+  const std::size_t arena = 4096, count = 4096;  // 64 arenas of 64-byte entries
+  for (cipher_kind c : all_ciphers) {
+    for (bool randomize : {true, false}) {
+      CAPTURE(static_cast<int>(c));
+      CAPTURE(randomize);
+      tracking_resource track;
+      shuffler s({.cipher = c, .randomize_layout = randomize, .arena_size = arena}, &track);
+      std::vector<handle> hs;
+      for (std::uint64_t i = 0; i < count; ++i) {
+        hs.push_back(s.alloc<std::uint64_t>(8));
+        s.write(hs.back(), std::as_bytes(std::span(&i, 1)));
+      }
+      for (std::size_t i = 0; i < count; i += 7) s.free(hs[i]);  // dropped by the first shuffle
+      const std::size_t held = track.stats().current_bytes;
+      REQUIRE(track.stats().peak_bytes == held);  // nothing was given back so far
+      for (int round = 0; round < 5; ++round) {
+        s.shuffle();
+        CAPTURE(round);
+        // Holding the old and the new copy of the heap at once would be about 2 x held.
+        CHECK(track.stats().peak_bytes <= held + 2 * (arena + 64));
+        CHECK(s.stats().reserved_bytes == track.stats().current_bytes);
+      }
+      for (std::uint64_t i = 0; i < count; ++i) {
+        if (i % 7 == 0) continue;
+        std::uint64_t v = 0;
+        s.read(hs[i], std::as_writable_bytes(std::span(&v, 1)));
+        CHECK(v == i);
+      }
+    }
+  }
+}
+
+TEST_CASE("a full shuffle moves every entry but a pinned one, and lays them out in a fresh random order") {
+  constexpr std::size_t count = 20000;  // 16 bytes each: about 80 arenas of 4 KiB
+  shuffler s({.cipher = cipher_kind::none, .arena_size = 4 * 1024});
+  std::vector<handle> hs;
+  for (std::uint64_t i = 0; i < count; ++i) {
+    hs.push_back(s.alloc<std::uint64_t>(2));
+    s.write(hs.back(), std::as_bytes(std::span(&i, 1)));
+  }
+  const std::size_t pinned = count / 2;
+  auto lease = s.rent<std::uint64_t>(hs[pinned]);
+  const auto pinned_at = reinterpret_cast<std::uintptr_t>(lease.get());
+  std::vector<handle> others = hs;
+  others.erase(others.begin() + static_cast<std::ptrdiff_t>(pinned));
+  std::vector<std::uintptr_t> before = addresses(s, others);
+  for (int round = 0; round < 3; ++round) {
+    CAPTURE(round);
+    s.shuffle();
+    const std::vector<std::uintptr_t> after = addresses(s, others);
+    std::size_t stayed = 0;
+    for (std::size_t i = 0; i < after.size(); ++i) stayed += after[i] == before[i];
+    CHECK(stayed == 0);
+    CHECK(reinterpret_cast<std::uintptr_t>(lease.get()) == pinned_at);
+    const double from_previous = rank_correlation(ranks(after), ranks(before));
+    CAPTURE(from_previous);
+    CHECK(std::abs(from_previous) < 0.5);
+    CHECK(neighbours_kept(ranks(before), ranks(after)) < 0.05);
+    before = after;
+  }
+  CHECK(s.stats().arenas <= count * 16 / 4096 + 3);  // the pinned entry's arena and the one being filled
+  for (std::uint64_t i = 0; i < count; ++i) {
+    if (i == pinned) continue;
+    std::uint64_t v = 0;
+    s.read(hs[i], std::as_writable_bytes(std::span(&v, 1)));
+    CHECK(v == i);
   }
 }
 
