@@ -1,0 +1,209 @@
+// The shuffler's moves: the full shuffle, the compaction of the policies, the
+// incremental pass and the move of one entry on its return (docs/design.md, "Heap").
+// All run under the shuffler's lock.
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <vector>
+
+#include "shuffler_impl.hpp"
+
+namespace memshuffle {
+
+void shuffler::impl::shuffle_all() {
+  const auto t0 = std::chrono::steady_clock::now();
+  gather_by_arena();
+  order_windows();
+  heap.begin_shuffle(plan, placement, windows, stays);  // the only step that can fail; nothing changed yet
+  for (const detail::window& w : windows) {
+    const std::span<const detail::move> batch(plan.data() + w.first, w.last - w.first);
+    heap.move_window(batch, w.arena);
+    // Slots come in order, but entries allocated into freed slots lie in other arenas
+    // than their neighbours: asking early hides the misses they cost.
+    constexpr std::size_t ahead = 16;
+    for (std::size_t k = 0; k < batch.size(); ++k) {
+      if (k + ahead < batch.size()) __builtin_prefetch(&table[batch[k + ahead].slot], 1);
+      table[batch[k].slot].data = batch[k].to;
+      bytes_moved += batch[k].bytes;
+    }
+  }
+  for (std::uint32_t i : doomed) {
+    heap.drop(table[i].data, stored_bytes(table[i]));
+    table.recycle(i);
+  }
+  pending_free -= doomed.size();
+  heap.end_shuffle();
+  pass.active = false;
+  ++shuffles;
+  timed(t0);
+}
+
+void shuffler::impl::gather_by_arena() {
+  doomed.clear(), stays.clear(), windows.clear();
+  heap.index_arenas();
+  const auto arenas = static_cast<std::uint32_t>(heap.arenas());
+  run_end.resize(arenas);
+  run_bytes.assign(arenas, 0);
+  std::uint32_t total = 0;
+  for (std::uint32_t a = 0; a < arenas; ++a) {
+    run_end[a] = total;  // the next free place of the run, for now
+    total += static_cast<std::uint32_t>(heap.entries_in(a));
+  }
+  if (plan.size() < total) plan.resize(total);
+  if (placement.size() < total) placement.resize(total);
+  windows.reserve(arenas);
+  for (std::uint32_t i = 0; i < table.slots(); ++i) {
+    const entry& e = table[i];
+    switch (e.st()) {
+      case entry_state::at_rest: {
+        const std::uint32_t a = heap.arena_number(e.data);
+        plan[run_end[a]++] = {e.data, nullptr, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)};
+        run_bytes[a] += stored_bytes(e);
+        break;
+      }
+      case entry_state::doomed: doomed.push_back(i); break;
+      case entry_state::unused: break;
+      default: stays.push_back(e.data); break;
+    }
+  }
+  std::uint32_t first = 0;
+  for (std::uint32_t a = 0; a < arenas; ++a) {
+    if (run_end[a] != first) windows.push_back({a, first, run_end[a], run_bytes[a], false});
+    first += static_cast<std::uint32_t>(heap.entries_in(a));
+  }
+}
+
+void shuffler::impl::order_windows() {
+  for (const detail::window& w : windows)
+    for (std::uint32_t k = w.first; k < w.last; ++k) placement[k] = k;
+  if (!opt.randomize_layout) {
+    std::sort(windows.begin(), windows.end(), [&](const detail::window& x, const detail::window& y) {
+      return heap.serial_at(x.arena) < heap.serial_at(y.arena);
+    });
+    const auto by_address = [&](std::uint32_t x, std::uint32_t y) { return plan[x].from < plan[y].from; };
+    for (const detail::window& w : windows) {
+      const auto first = placement.begin() + w.first, last = placement.begin() + w.last;
+      if (!std::is_sorted(first, last, by_address)) std::sort(first, last, by_address);
+    }
+    return;
+  }
+  for (detail::window& w : windows) w.whole = w.bytes >= opt.arena_size - opt.arena_size / 16;
+  const auto partial = std::partition(windows.begin(), windows.end(), [](const detail::window& w) { return w.whole; });
+  shuffle_range(std::span(windows.begin(), partial), rng);
+  shuffle_range(std::span(partial, windows.end()), rng);
+  for (const detail::window& w : windows)
+    for (std::uint32_t k = w.last - w.first; k > 1; --k)
+      std::swap(placement[w.first + k - 1], placement[w.first + bounded(rng, k)]);
+}
+
+void shuffler::impl::compact() {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (std::uint32_t i = 0; i < table.slots(); ++i) {
+    if (table[i].st() != entry_state::doomed) continue;
+    heap.vacate(table[i].data, stored_bytes(table[i]));
+    table.recycle(i);
+    --pending_free;
+  }
+  items.clear();
+  for (std::uint32_t i = 0; i < table.slots(); ++i) {
+    const entry& e = table[i];
+    if (e.st() == entry_state::at_rest)
+      items.push_back({e.data, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)});
+  }
+  std::sort(items.begin(), items.end(), [](const move_item& x, const move_item& y) { return x.src < y.src; });
+  const std::uint64_t serial = heap.next_serial();
+  for (std::size_t first = 0; first < items.size();) {
+    std::size_t last = first, window = 0;
+    while (last < items.size() && (window < heap.arena_size() || last == first)) window += items[last++].bytes;
+    const std::span<move_item> batch(items.data() + first, last - first);
+    if (opt.randomize_layout)
+      for (std::size_t k = batch.size(); k > 1; --k) std::swap(batch[k - 1], batch[bounded(rng, k)]);
+    reqs.clear();
+    for (const move_item& m : batch) reqs.push_back({m.bytes, std::size_t{1} << m.align_log2});
+    dest.resize(batch.size());
+    heap.place_all(reqs, dest, first == 0);  // the first batch opens a fresh arena
+    for (std::size_t k = 0; k < batch.size(); ++k) {
+      std::memcpy(dest[k], batch[k].src, batch[k].bytes);
+      heap.vacate(batch[k].src, batch[k].bytes);
+      table[batch[k].index].data = dest[k];
+      bytes_moved += batch[k].bytes;
+    }
+    first = last;
+  }
+  heap.release_empty_older(serial);
+  ++shuffles;
+  timed(t0);
+}
+
+void shuffler::impl::shuffle_step(std::size_t budget) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const bool starting = !pass.active;
+  std::vector<std::uint32_t> order;
+  std::uint64_t serial = pass.serial;
+  std::size_t cursor = pass.cursor;
+  if (starting) {
+    for (std::uint32_t i = 0; i < table.slots(); ++i)
+      if (table[i].live()) order.push_back(i);
+    if (opt.randomize_layout) shuffle_range(std::span(order), rng);
+    serial = heap.next_serial();
+    cursor = 0;
+  }
+  const auto& walk = starting ? order : pass.order;
+  moves.clear(), reqs.clear();
+  std::size_t planned = 0;
+  for (; cursor < walk.size() && (planned < budget || moves.empty()); ++cursor) {
+    const entry& e = table[walk[cursor]];
+    if (e.st() != entry_state::at_rest || heap.serial_of(e.data) >= serial) continue;
+    moves.push_back(walk[cursor]);
+    reqs.push_back({stored_bytes(e), e.alignment()});
+    planned += stored_bytes(e);
+  }
+  dest.resize(moves.size());
+  heap.place_all(reqs, dest, starting);  // nothing changed if this throws
+
+  if (starting) {
+    pass.order.swap(order);
+    pass.serial = serial;
+    pass.active = true;
+    for (std::uint32_t i = 0; i < table.slots(); ++i) {
+      if (table[i].st() != entry_state::doomed) continue;
+      heap.vacate(table[i].data, stored_bytes(table[i]));
+      table.recycle(i);
+      --pending_free;
+    }
+  }
+  for (std::size_t k = 0; k < moves.size(); ++k) {
+    entry& e = table[moves[k]];
+    const std::size_t n = stored_bytes(e);
+    std::memcpy(dest[k], e.data, n);
+    heap.vacate(e.data, n);
+    e.data = dest[k];
+    bytes_moved += n;
+  }
+  pass.cursor = cursor;
+  if (cursor == pass.order.size()) {
+    pass.active = false;
+    pass.order.clear();
+    heap.release_empty_older(pass.serial);
+    ++shuffles;
+  }
+  timed(t0);
+}
+
+void shuffler::impl::relocate(std::uint32_t i) noexcept {
+  entry& e = table[i];
+  const std::size_t n = stored_bytes(e);
+  std::byte* to = nullptr;
+  try {
+    to = heap.place(n, e.alignment());
+  } catch (...) {
+    return;
+  }
+  std::memcpy(to, e.data, n);
+  heap.vacate(e.data, n);
+  e.data = to;
+  bytes_moved += n;
+  ++relocated_on_return;
+}
+
+}  // namespace memshuffle
