@@ -173,53 +173,41 @@ void check_arguments(const cipher& c, std::span<const std::byte> iv, std::size_t
   }
 }
 
+// What seal and open share: the checks, and the kinds whose work is the same both ways
+// (none does nothing, CTR is its own inverse). True when GCM work is left to do.
+template <class Impl>
+bool symmetric_part(const Impl* impl, const cipher& c, std::span<const std::byte> iv, std::size_t aad_size,
+                    std::span<std::byte> data, std::size_t tag_size) {
+  if (impl == nullptr) throw std::logic_error("memshuffle::cipher: used after being moved from");
+  check_arguments(c, iv, aad_size, tag_size);
+  if (impl->kind == cipher_kind::aes_256_ctr) impl->ctr(iv, data);
+  return impl->kind == cipher_kind::aes_256_gcm;
+}
+
 }  // namespace
 
 void cipher::seal(std::span<const std::byte> iv, std::span<const std::byte> aad,
                   std::span<std::byte> data, std::span<std::byte> tag) const {
-  if (!impl_) throw std::logic_error("memshuffle::cipher: used after being moved from");
-  check_arguments(*this, iv, aad.size(), tag.size());
-  switch (impl_->kind) {
-    case cipher_kind::none:
-      return;
-    case cipher_kind::aes_256_ctr:
-      impl_->ctr(iv, data);
-      return;
-    case cipher_kind::aes_256_gcm: {
-      auto gcm = impl_->gcm_enc.take();
-      gcm->EncryptAndAuthenticate(bytes(data), bytes(tag), tag.size(), bytes(iv), iv.size(),
-                                  bytes(aad), aad.size(), bytes(data), data.size());
-      return;
-    }
-  }
+  if (!symmetric_part(impl_.get(), *this, iv, aad.size(), data, tag.size())) return;
+  auto gcm = impl_->gcm_enc.take();
+  gcm->EncryptAndAuthenticate(bytes(data), bytes(tag), tag.size(), bytes(iv), iv.size(),
+                              bytes(aad), aad.size(), bytes(data), data.size());
 }
 
 void cipher::open(std::span<const std::byte> iv, std::span<const std::byte> aad,
                   std::span<std::byte> data, std::span<const std::byte> tag) const {
-  if (!impl_) throw std::logic_error("memshuffle::cipher: used after being moved from");
-  check_arguments(*this, iv, aad.size(), tag.size());
-  switch (impl_->kind) {
-    case cipher_kind::none:
-      return;
-    case cipher_kind::aes_256_ctr:
-      impl_->ctr(iv, data);
-      return;
-    case cipher_kind::aes_256_gcm: {
-      auto gcm = impl_->gcm_dec.take();
-      // One pass: the tag is computed over the ciphertext while it is decrypted in
-      // place. On a mismatch the same keystream is applied again, which restores the
-      // ciphertext, so the caller's bytes end exactly as they came.
-      const bool ok = gcm->DecryptAndVerify(bytes(data), bytes(tag), tag.size(), bytes(iv),
-                                            iv.size(), bytes(aad), aad.size(), bytes(data),
-                                            data.size());
-      if (!ok) {
-        gcm->Resynchronize(bytes(iv), static_cast<int>(iv.size()));
-        gcm->ProcessString(bytes(data), data.size());
-        throw integrity_error("memshuffle::cipher: the GCM tag does not match (data, "
-                              "associated data or nonce altered)");
-      }
-      return;
-    }
+  if (!symmetric_part(impl_.get(), *this, iv, aad.size(), data, tag.size())) return;
+  auto gcm = impl_->gcm_dec.take();
+  // One pass: the tag is computed over the ciphertext while it is decrypted in place.
+  // On a mismatch the same keystream is applied again, which restores the ciphertext,
+  // so the caller's bytes end exactly as they came.
+  const bool ok = gcm->DecryptAndVerify(bytes(data), bytes(tag), tag.size(), bytes(iv), iv.size(),
+                                        bytes(aad), aad.size(), bytes(data), data.size());
+  if (!ok) {
+    gcm->Resynchronize(bytes(iv), static_cast<int>(iv.size()));
+    gcm->ProcessString(bytes(data), data.size());
+    throw integrity_error("memshuffle::cipher: the GCM tag does not match (data, "
+                          "associated data or nonce altered)");
   }
 }
 
