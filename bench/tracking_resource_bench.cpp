@@ -110,10 +110,9 @@ int main(int argc, char** argv) {
   std::vector<std::pair<std::string, std::string>> ratios;
   for (const subject& x : subjects) {
     if (threads > 1 && !x.thread_safe) continue;
-    for (const char* shape : {"pair64/", "batch64/"}) {
-      auto* b = benchmark::RegisterBenchmark((shape + x.name).c_str(), std::string(shape) == "pair64/" ? pairs : batch,
-                                             x.resource);
-      b->Repetitions(5)->Threads(threads);
+    using shape_fn = void (*)(benchmark::State&, std::pmr::memory_resource*);
+    for (const auto& [shape, run] : {std::pair<const char*, shape_fn>{"pair64/", pairs}, {"batch64/", batch}}) {
+      benchmark::RegisterBenchmark((shape + x.name).c_str(), run, x.resource)->Repetitions(5)->Threads(threads);
       if (!x.baseline.empty()) ratios.emplace_back(shape + x.name + suffix, shape + x.baseline + suffix);
     }
   }

@@ -174,6 +174,8 @@ struct shuffler::impl {
   struct reseal {
     std::uint32_t index;
     handle h;  // read under the lock: the table may grow while the batch is worked on
+    // The old key twice: the pointer for the AES work outside the lock (the keys vector
+    // may reallocate meanwhile), the id to drop its user once committed.
     const key_slot* from;
     std::uint16_t from_id;
     std::uint64_t from_seq, to_seq;
