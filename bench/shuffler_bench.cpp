@@ -3,6 +3,7 @@
 // for the bandwidth of a shuffle. The goal table after the run holds the ratios.
 #include "goal_report.hpp"
 
+#include <memshuffle/secure_wipe.hpp>
 #include <memshuffle/shuffler.hpp>
 
 #include <benchmark/benchmark.h>

@@ -211,12 +211,4 @@ void cipher::open(std::span<const std::byte> iv, std::span<const std::byte> aad,
   }
 }
 
-void os_random(std::span<std::byte> out) {
-  CryptoPP::OS_GenerateRandomBlock(false, bytes(out), out.size());
-}
-
-void secure_wipe(void* p, std::size_t n) noexcept {
-  if (p != nullptr) CryptoPP::SecureWipeBuffer(static_cast<CryptoPP::byte*>(p), n);
-}
-
 }  // namespace memshuffle

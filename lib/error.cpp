@@ -8,4 +8,5 @@ invalid_handle_error::~invalid_handle_error() = default;
 lease_error::~lease_error() = default;
 type_error::~type_error() = default;
 integrity_error::~integrity_error() = default;
+fork_error::~fork_error() = default;
 }  // namespace memshuffle

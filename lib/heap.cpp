@@ -5,7 +5,7 @@
 #include <cstring>
 #include <new>
 
-#include <memshuffle/cipher.hpp>
+#include <memshuffle/secure_wipe.hpp>
 
 namespace memshuffle::detail {
 

@@ -3,13 +3,7 @@
 // stale pointer where it is used. Without the sanitizer these compile to nothing.
 #include <cstddef>
 
-#if defined(__SANITIZE_ADDRESS__)
-#define MEMSHUFFLE_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MEMSHUFFLE_ASAN 1
-#endif
-#endif
+#include <memshuffle/detail/sanitizers.hpp>
 #ifdef MEMSHUFFLE_ASAN
 #include <sanitizer/asan_interface.h>
 #endif

@@ -1,5 +1,5 @@
 #include <memshuffle/secure_page_resource.hpp>
-#include <memshuffle/cipher.hpp>
+#include <memshuffle/secure_wipe.hpp>
 
 #include <sys/mman.h>
 #include <unistd.h>

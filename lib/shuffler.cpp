@@ -1,6 +1,8 @@
 // The shuffler proper: its keys, entries and policies, rent and return, and the
 // public members; the state and the lock are described in shuffler_impl.hpp.
 #include <memshuffle/shuffler.hpp>
+#include <memshuffle/os_random.hpp>
+#include <memshuffle/secure_wipe.hpp>
 
 #include <algorithm>
 #include <atomic>

@@ -1,4 +1,5 @@
 #include <memshuffle/tracking_resource.hpp>
+#include <memshuffle/secure_wipe.hpp>
 
 #include <algorithm>
 #include <array>
@@ -10,7 +11,6 @@
 #include <ostream>
 #include <sstream>
 #include <stdexcept>
-#include <string.h>  // explicit_bzero
 #include <thread>
 #if __has_include(<sys/single_threaded.h>)
 #include <sys/single_threaded.h>
@@ -285,7 +285,7 @@ void tracking_resource::do_deallocate(void* p, std::size_t bytes, std::size_t al
 
   const std::size_t upstream_bytes = bytes == 0 ? 1 : bytes;
   if (options_.wipe_on_deallocate || options_.quarantine) [[unlikely]] {
-    if (options_.wipe_on_deallocate) explicit_bzero(p, bytes);
+    if (options_.wipe_on_deallocate) secure_wipe(p, bytes);
     if (options_.quarantine && s.hold(p, upstream_bytes, alignment)) return;
   }
   upstream_->deallocate(p, upstream_bytes, alignment);

@@ -297,31 +297,6 @@ TEST_CASE("a moved-from cipher refuses to work instead of crashing") {
   CHECK(b.kind() == cipher_kind::aes_256_ctr);
 }
 
-TEST_CASE("os_random fills the whole buffer with fresh bytes each time") {
-  bytes a(64), b(64);
-  memshuffle::os_random(a);
-  memshuffle::os_random(b);
-  CHECK(a != b);                        // equal with probability 2^-512
-  CHECK(a != bytes(64));
-  // The last byte is written too: 16 draws all leaving it zero has probability 2^-128.
-  bool last_written = false;
-  for (int i = 0; i < 16 && !last_written; ++i) {
-    bytes c(33);
-    memshuffle::os_random(c);
-    last_written = c.back() != std::byte{0};
-  }
-  CHECK(last_written);
-}
-
-TEST_CASE("secure_wipe zeroes exactly the bytes it is given") {
-  bytes data(40, std::byte{0xAB});
-  memshuffle::secure_wipe(data.data() + 4, 32);
-  CHECK(std::all_of(data.begin() + 4, data.begin() + 36, [](std::byte b) { return b == std::byte{0}; }));
-  CHECK(data[3] == std::byte{0xAB});
-  CHECK(data[36] == std::byte{0xAB});
-  memshuffle::secure_wipe(nullptr, 0);
-}
-
 }  // TEST_SUITE("crypto")
 
 TEST_SUITE("concurrency") {

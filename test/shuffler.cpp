@@ -21,14 +21,8 @@
 
 #include "test/support/recording_resource.hpp"
 
-#if defined(__SANITIZE_ADDRESS__)
-#define SHUFFLER_TEST_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define SHUFFLER_TEST_ASAN 1
-#endif
-#endif
-#ifdef SHUFFLER_TEST_ASAN
+#include <memshuffle/detail/sanitizers.hpp>
+#ifdef MEMSHUFFLE_ASAN
 #include <sanitizer/asan_interface.h>
 #endif
 
@@ -983,7 +977,7 @@ TEST_CASE("a handle from another shuffler is caught") {
   CHECK(ha != invalid_handle);
 }
 
-#ifdef SHUFFLER_TEST_ASAN
+#ifdef MEMSHUFFLE_ASAN
 TEST_CASE("under the address sanitizer a raw pointer kept past a move is poisoned") {
   shuffler s({.cipher = cipher_kind::none, .arena_size = 4096});
   const handle h = s.alloc<std::uint64_t>(4);

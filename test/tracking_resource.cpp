@@ -16,7 +16,8 @@
 #include <thread>
 #include <vector>
 
-#if defined(__SANITIZE_ADDRESS__)
+#include <memshuffle/detail/sanitizers.hpp>
+#ifdef MEMSHUFFLE_ASAN
 #include <sanitizer/asan_interface.h>
 #endif
 
@@ -274,7 +275,7 @@ TEST_CASE("quarantine keeps freed blocks from the upstream until it is released"
   check_upstream_clean(upstream);
 }
 
-#if defined(__SANITIZE_ADDRESS__)
+#ifdef MEMSHUFFLE_ASAN
 TEST_CASE("under AddressSanitizer quarantined memory is poisoned until it is released") {
   recording_resource upstream;
   tracking_resource tracking({.quarantine = true}, &upstream);

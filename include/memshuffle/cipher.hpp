@@ -51,10 +51,4 @@ class cipher {
   std::unique_ptr<impl> impl_;
 };
 
-// Fills out from the operating system's random generator.
-void os_random(std::span<std::byte> out);
-
-// Overwrites memory in a way the compiler may not remove.
-void secure_wipe(void* p, std::size_t n) noexcept;
-
 }  // namespace memshuffle

@@ -40,4 +40,12 @@ class integrity_error : public error {
   ~integrity_error() override;
 };
 
+// A call in a child process made by fork() on an object of the parent that holds keys
+// or secret memory: the child never encrypts under the parent's key and counter.
+class fork_error : public error {
+ public:
+  using error::error;
+  ~fork_error() override;
+};
+
 }  // namespace memshuffle

@@ -7,4 +7,6 @@
 #include <memshuffle/secure_page_resource.hpp>
 #include <memshuffle/resource_adaptors.hpp>
 #include <memshuffle/cipher.hpp>
+#include <memshuffle/os_random.hpp>
+#include <memshuffle/secure_wipe.hpp>
 #include <memshuffle/shuffler.hpp>

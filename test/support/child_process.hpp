@@ -14,21 +14,13 @@
 #include <iostream>
 #include <string>
 
+#include <memshuffle/detail/sanitizers.hpp>
+
 namespace memshuffle::testing {
 
 // The address and thread sanitizers replace mlock with a no-op that reports success,
 // so tests of refused locking cannot run under them.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-inline constexpr bool mlock_is_real = false;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-inline constexpr bool mlock_is_real = false;
-#else
-inline constexpr bool mlock_is_real = true;
-#endif
-#else
-inline constexpr bool mlock_is_real = true;
-#endif
+inline constexpr bool mlock_is_real = !detail::address_sanitizer && !detail::thread_sanitizer;
 
 // Runs fn in a child and returns its wait status. The child exits 0 when fn returns
 // true, 1 when it returns false, 2 when it throws; it never returns into the test.
