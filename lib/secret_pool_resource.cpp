@@ -7,6 +7,7 @@
 #include "secret_pages.hpp"
 
 #include <pthread.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <array>
@@ -36,6 +37,14 @@ std::size_t class_of(std::size_t bytes, std::size_t alignment) noexcept {
 }
 
 std::size_t class_size(std::size_t c) noexcept { return std::size_t{8} << c; }
+
+// A sixteenth of the lock budget, so that several size classes fit under a small one.
+std::size_t run_pages_for(const secret_pool_options& o) noexcept {
+  if (o.run_pages != 0) return o.run_pages;
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_MEMLOCK, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) return 16;
+  return std::clamp<std::size_t>(limit.rlim_cur / 16 / detail::page_size(), 1, 16);
+}
 
 struct run {
   page_span span;
@@ -134,9 +143,10 @@ run* secret_pool_resource::state::grow(std::size_t c, const secret_pool_options&
   }
   auto r = std::make_unique<run>();
   r->cls = c;
-  r->capacity = o.run_pages * detail::page_size() / class_size(c);
+  const std::size_t bytes = run_pages_for(o) * detail::page_size();
+  r->capacity = bytes / class_size(c);
   r->used.assign((r->capacity + 63) / 64, 0);
-  r->span = map(o.run_pages * detail::page_size(), o.lock_refused);
+  r->span = map(bytes, o.lock_refused);
   run* raw = r.get();
   try {
     runs.emplace(address(raw->span.data), std::move(r));
@@ -229,9 +239,9 @@ secret_pool_resource::secret_pool_resource() : secret_pool_resource(secret_pool_
 
 secret_pool_resource::secret_pool_resource(secret_pool_options options)
     : options_(options), state_(std::make_unique<state>()) {
-  if (options.run_pages == 0 || options.run_pages > 1024)
+  if (options.run_pages > 1024)
     throw std::invalid_argument("memshuffle::secret_pool_resource: run_pages " +
-                                std::to_string(options.run_pages) + " is not in 1..1024");
+                                std::to_string(options.run_pages) + " is above 1024");
   const bool secret = detail::secret_memory_supported();
   if (options.backend == secret_backend::secret_memory && !secret)
     throw secret_memory_refused("memshuffle: secret memory (memfd_secret) is not available");

@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <memshuffle/secret_pool_resource.hpp>
+#include <memshuffle/shuffler.hpp>
 #include <test/support/child_process.hpp>
 #include <test/support/seed.hpp>
 #include <test/support/smaps.hpp>
@@ -15,6 +16,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -62,7 +64,7 @@ bool readable_through_proc_mem(const void* p, std::size_t n) {
 // ended.
 int write_around_run(secret_backend backend, std::ptrdiff_t offset) {
   return run_in_child([=] {
-    secret_pool_resource pool({.backend = backend});
+    secret_pool_resource pool({.backend = backend, .run_pages = 4});
     std::vector<void*> blocks;
     const std::size_t per_run = pool.options().run_pages * page / 64;
     for (std::size_t i = 0; i < per_run; ++i) blocks.push_back(pool.allocate(64, 8));
@@ -80,7 +82,7 @@ int write_around_run(secret_backend backend, std::ptrdiff_t offset) {
 TEST_SUITE("resources") {
 
 TEST_CASE("small secrets of one size class share a run of pages") {
-  secret_pool_resource pool;
+  secret_pool_resource pool({.run_pages = 4});
   std::vector<void*> blocks;
   for (int i = 0; i < 500; ++i) blocks.push_back(pool.allocate(64, 8));
   const auto s = pool.stats();
@@ -155,15 +157,14 @@ TEST_CASE("asking for locked pages gives locked pages, not degraded") {
   CHECK_FALSE(r.degraded);
 }
 
-TEST_CASE("a run_pages of 0 or above 1024 is refused") {
-  CHECK_THROWS_AS(secret_pool_resource({.run_pages = 0}), std::invalid_argument);
+TEST_CASE("a run_pages above 1024 is refused") {
   CHECK_THROWS_AS(secret_pool_resource({.run_pages = 1025}), std::invalid_argument);
 }
 
 TEST_CASE("every page each backend hands out is locked and left out of core dumps") {
   for (auto backend : backends()) {
     CAPTURE(to_string(backend));
-    secret_pool_resource pool({.backend = backend});
+    secret_pool_resource pool({.backend = backend, .run_pages = 4});
     void* small = pool.allocate(48);
     void* large = pool.allocate(3 * page);
     for (void* p : {small, large, static_cast<void*>(static_cast<char*>(large) + 2 * page)}) {
@@ -370,7 +371,7 @@ TEST_CASE("under degrade a refused lock gives unlocked pages, counted and report
 // refused; true when the refusal fired. Checks that a failure left no trace and that
 // the pool works on exactly as before.
 bool allocate_with_refusal(secret_backend backend, on_lock_refused policy, long n) {
-  secret_pool_resource pool({.backend = backend, .lock_refused = policy});
+  secret_pool_resource pool({.backend = backend, .lock_refused = policy, .run_pages = 4});
   auto* keep = static_cast<unsigned char*>(pool.allocate(16));
   std::memset(keep, 5, 16);
   detail::inject_page_fault(n);
@@ -458,3 +459,57 @@ TEST_CASE("several threads allocate and free secrets of every size class at once
 }
 
 }  // TEST_SUITE("concurrency")
+
+TEST_SUITE("resources") {
+
+TEST_CASE("runs take a sixteenth of RLIMIT_MEMLOCK, one page to sixteen") {
+  for (auto [limit, pages] : {std::pair<std::size_t, std::size_t>{64 * 1024, 1},
+                              {16 * page * 8, 8}, {4 * 1024 * 1024, 16}}) {
+    CAPTURE(limit);
+    const int status = run_in_child([limit, pages] {
+      if (!limit_memlock(limit)) return false;
+      secret_pool_resource pool;
+      void* p = pool.allocate(64);
+      const bool sized = pool.stats().bytes_mapped == (pages + 2) * page;
+      pool.deallocate(p, 64);
+      return sized;
+    });
+    INFO("child " << describe(status));
+    CHECK(exited_with(status, 0));
+  }
+}
+
+// The bar of the pool: a million entries and 500 open windows under a 64 KiB budget.
+TEST_CASE("a shuffler of a million entries keeps 500 open windows locked under a 64 KiB lock budget" *
+          doctest::skip(!mlock_is_real)) {
+  MEMSHUFFLE_TEST_SEED(seed);
+  const int status = run_in_child([seed] {
+    if (!limit_memlock(64 * 1024)) return false;
+    secret_pool_resource& pool = default_secret_pool();
+    shuffler s(shuffler_options{.plaintext_resource = &pool});
+    std::mt19937_64 rng(seed);
+    std::vector<handle> handles;
+    handles.reserve(1'000'000);
+    for (int i = 0; i < 1'000'000; ++i) handles.push_back(s.alloc<std::byte>(32 + rng() % 33));
+    std::vector<lease<std::byte>> open;
+    for (std::size_t i = 0; open.size() < 500; ++i)
+      if (s.size_of(handles[i * 7919 % handles.size()]) == 64) open.push_back(s.rent<std::byte>(handles[i * 7919 % handles.size()]));
+    const auto maps = all_mappings();
+    const auto protected_window = [&](const std::byte* p) {
+      for (const auto& m : maps)
+        if (m.begin <= address_of(p) && address_of(p) < m.end)
+          return m.flags.find(" lo ") != std::string::npos && m.flags.find(" dd ") != std::string::npos;
+      return false;
+    };
+    const bool all_protected = std::all_of(open.begin(), open.end(),
+                                           [&](const auto& l) { return protected_window(l.get()); });
+    const auto r = pool.report();
+    const bool clean = r.lock_refusals == 0 && r.fallbacks == 0 && !r.degraded && r.locked;
+    if (!all_protected || !clean) std::fprintf(stderr, "protected %d, report clean %d\n", all_protected, clean);
+    return all_protected && clean && s.stats().live_entries == 1'000'000;
+  });
+  INFO("child " << describe(status));
+  CHECK(exited_with(status, 0));
+}
+
+}  // TEST_SUITE("resources")

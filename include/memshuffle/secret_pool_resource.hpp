@@ -19,9 +19,10 @@ struct secret_pool_options {
   secret_backend backend = secret_backend::automatic;
   // fail by default: a secret that might be swapped is a failure the caller must see.
   on_lock_refused lock_refused = on_lock_refused::fail;
-  // Pages per run of one size class (guard pages excluded). Secret memory is charged to
-  // RLIMIT_MEMLOCK like mlock, so runs stay small enough for a 64 KiB limit.
-  std::size_t run_pages = 4;
+  // Pages per run of one size class (guard pages excluded); 0: chosen when a run is
+  // mapped, 1/16 of RLIMIT_MEMLOCK clamped to 1..16 pages, since secret memory is
+  // charged to that limit like mlock and a 64 KiB limit must hold several classes.
+  std::size_t run_pages = 0;
 };
 
 struct secret_pool_stats {
@@ -44,7 +45,7 @@ class secret_pool_resource : public std::pmr::memory_resource {
   secret_pool_resource();
   /// \effects resolves options.backend (automatic: secret memory if the kernel has it,
   /// else locked pages, reported as degraded); maps nothing yet.
-  /// \throws std::invalid_argument if options.run_pages is 0 or above 1024;
+  /// \throws std::invalid_argument if options.run_pages is above 1024;
   /// secret_memory_refused if secret_memory is asked for and the kernel lacks it.
   explicit secret_pool_resource(secret_pool_options options);
   /// \effects wipes and unmaps every page; in a child of fork() leaves the parent's

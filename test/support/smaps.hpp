@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace memshuffle::testing {
 
@@ -35,6 +36,25 @@ inline std::string vm_flags(const void* p) {
     else if (inside && line.rfind("VmFlags:", 0) == 0) return line + " ";
   }
   return {};
+}
+
+// Every mapping of the process with its VmFlags line, read once.
+struct mapping_flags {
+  std::uintptr_t begin = 0, end = 0;
+  std::string flags;
+};
+inline std::vector<mapping_flags> all_mappings() {
+  std::vector<mapping_flags> out;
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  while (std::getline(smaps, line)) {
+    std::uintptr_t lo = 0, hi = 0;
+    char dash = 0;
+    std::istringstream head(line);
+    if (head >> std::hex >> lo >> dash >> hi && dash == '-') out.push_back({lo, hi, {}});
+    else if (!out.empty() && line.rfind("VmFlags:", 0) == 0) out.back().flags = line + " ";
+  }
+  return out;
 }
 
 inline bool has_flag(const void* p, const char* flag) {
