@@ -9,6 +9,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -174,6 +175,38 @@ TEST_CASE("mlock is granted up to the RLIMIT_MEMLOCK budget and refused past it"
   });
   INFO("child " << describe(status));
   CHECK(exited_with(status, 0));
+}
+
+TEST_CASE("under fail a refused mlock throws a bad_alloc and maps nothing" *
+          doctest::skip(!mlock_is_real)) {
+  const int status = run_in_child([] {
+    if (!limit_memlock(0)) return false;
+    secure_page_resource r(secure_page_options{.lock_refused = memshuffle::on_lock_refused::fail});
+    bool threw = false;
+    try {
+      (void)r.allocate(64);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    const auto s = r.stats();
+    return threw && s.allocations == 0 && s.bytes_mapped == 0 && s.total_allocations == 0;
+  });
+  INFO("child " << describe(status));
+  CHECK(exited_with(status, 0));
+}
+
+TEST_CASE("a fork child sees zeros where the parent's secure pages hold data") {
+  secure_page_resource r;
+  auto* p = static_cast<unsigned char*>(r.allocate(64));
+  std::memset(p, 0x42, 64);
+  CHECK(has_flag(p, "wf"));
+  const int status = run_in_child([p] {
+    return std::all_of(p, p + 64, [](unsigned char c) { return c == 0; });
+  });
+  INFO("child " << describe(status));
+  CHECK(exited_with(status, 0));
+  CHECK(p[63] == 0x42);
+  r.deallocate(p, 64);
 }
 
 TEST_CASE("secure pages are left out of core dumps") {
