@@ -38,6 +38,9 @@ std::size_t class_of(std::size_t bytes, std::size_t alignment) noexcept {
 
 std::size_t class_size(std::size_t c) noexcept { return std::size_t{8} << c; }
 
+// std::has_single_bit becomes a library call to popcount without -mpopcnt.
+bool power_of_two(std::size_t x) noexcept { return x != 0 && (x & (x - 1)) == 0; }
+
 // A sixteenth of the lock budget, so that several size classes fit under a small one.
 std::size_t run_pages_for(const secret_pool_options& o) noexcept {
   if (o.run_pages != 0) return o.run_pages;
@@ -68,7 +71,7 @@ struct secret_pool_resource::state {
   std::uint64_t epoch = detail::fork_epoch();
   std::map<std::uintptr_t, std::unique_ptr<run>> runs;     // by first data byte
   std::array<std::vector<run*>, class_count> partial;      // runs with a free block
-  std::array<run*, class_count> spare{};                   // one empty run kept per class
+  std::array<run*, class_count> spare{};   // the one empty run kept per class, still listed
   std::map<std::uintptr_t, large_block> large;             // by the pointer handed out
   std::vector<std::pair<std::uintptr_t, std::uintptr_t>> forked;   // [begin, end) of a parent
   secret_memory_report report;
@@ -81,6 +84,7 @@ struct secret_pool_resource::state {
   void leave_parent();
   void* take(std::size_t c, const secret_pool_options& o);
   run* grow(std::size_t c, const secret_pool_options& o);
+  run* find_run(std::uintptr_t a, std::size_t c) const;
   bool give(std::uintptr_t a, std::size_t c);
   void drop(run* r);
   void* take_large(std::size_t bytes, std::size_t alignment, on_lock_refused policy);
@@ -137,10 +141,6 @@ bool secret_pool_resource::state::from_parent(std::uintptr_t a) const {
 }
 
 run* secret_pool_resource::state::grow(std::size_t c, const secret_pool_options& o) {
-  if (run* r = spare[c]) {
-    spare[c] = nullptr;
-    return r;
-  }
   auto r = std::make_unique<run>();
   r->cls = c;
   const std::size_t bytes = run_pages_for(o) * detail::page_size();
@@ -166,35 +166,44 @@ void* secret_pool_resource::state::take(std::size_t c, const secret_pool_options
     list.push_back(grow(c, o));
   }
   run* r = list.back();
+  if (r == spare[c]) spare[c] = nullptr;
   std::size_t word = 0;
   while (r->used[word] == ~std::uint64_t{0}) ++word;
   const auto bit = static_cast<std::size_t>(std::countr_one(r->used[word]));
   r->used[word] |= std::uint64_t{1} << bit;
   if (++r->live == r->capacity) list.pop_back();
   ++stats.blocks;
-  return r->span.data + (word * 64 + bit) * class_size(c);
+  return r->span.data + ((word * 64 + bit) << (c + 3));
 }
 
+// An emptied run stays listed as its class's spare, or is given back if there is one.
 void secret_pool_resource::state::drop(run* r) {
-  auto& list = partial[r->cls];
-  list.erase(std::find(list.begin(), list.end(), r));
   if (spare[r->cls] == nullptr) {
     spare[r->cls] = r;
     return;
   }
+  auto& list = partial[r->cls];
+  list.erase(std::find(list.begin(), list.end(), r));
   unmap(r->span);
   --stats.runs;
   runs.erase(address(r->span.data));
 }
 
+// The run holding a, if any: the run last handed from, else a lookup by address.
+run* secret_pool_resource::state::find_run(std::uintptr_t a, std::size_t c) const {
+  const run* last = partial[c].empty() ? nullptr : partial[c].back();
+  if (last != nullptr && a - address(last->span.data) < last->span.usable) return const_cast<run*>(last);
+  auto it = runs.upper_bound(a);
+  return it == runs.begin() ? nullptr : std::prev(it)->second.get();
+}
+
 // Frees the block at a of class c. False when a is no live block of class c.
 bool secret_pool_resource::state::give(std::uintptr_t a, std::size_t c) {
-  auto it = runs.upper_bound(a);
-  if (it == runs.begin()) return false;
-  run* r = std::prev(it)->second.get();
+  run* r = find_run(a, c);
+  if (r == nullptr) return false;
   const std::uintptr_t offset = a - address(r->span.data);
-  if (offset >= r->span.usable || r->cls != c || offset % class_size(c) != 0) return false;
-  const std::size_t index = offset / class_size(c);
+  if (offset >= r->span.usable || r->cls != c || (offset & (class_size(c) - 1)) != 0) return false;
+  const std::size_t index = offset >> (c + 3);   // offset / class_size(c), without a division
   const std::uint64_t mask = std::uint64_t{1} << (index % 64);
   if ((r->used[index / 64] & mask) == 0) return false;
   secure_wipe(reinterpret_cast<void*>(a), class_size(c));
@@ -278,7 +287,7 @@ secret_pool_stats secret_pool_resource::stats() const {
 }
 
 void* secret_pool_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
-  if (!std::has_single_bit(alignment) || alignment > detail::page_size())
+  if (!power_of_two(alignment) || alignment > detail::page_size())
     throw std::invalid_argument("memshuffle::secret_pool_resource: alignment " +
                                 std::to_string(alignment) +
                                 " is not a power of two no larger than the page size");
@@ -302,7 +311,7 @@ void secret_pool_resource::do_deallocate(void* p, std::size_t bytes, std::size_t
     ++s.stats.forked_blocks;
     return;
   }
-  const std::size_t c = std::has_single_bit(alignment) ? class_of(bytes, alignment) : class_count;
+  const std::size_t c = power_of_two(alignment) ? class_of(bytes, alignment) : class_count;
   const bool ok = c == class_count ? s.give_large(a, bytes, alignment) : s.give(a, c);
   if (!ok) ++s.stats.bad_deallocations;
   MEMSHUFFLE_ASSERT(ok, "secret_pool_resource: deallocate of a pointer that is not a live "
