@@ -1,16 +1,9 @@
 #include "secret_memory.hpp"
 
-#include <memshuffle/secure_page_resource.hpp>
-
-#include <new>
+#include <memshuffle/secret_pool_resource.hpp>
 
 namespace memshuffle::detail {
 
-std::pmr::memory_resource* secret_memory() noexcept {
-  // Constructed in place and never destroyed (as std::pmr::new_delete_resource()).
-  alignas(secure_page_resource) static unsigned char storage[sizeof(secure_page_resource)];
-  static secure_page_resource* const resource = ::new (storage) secure_page_resource();
-  return resource;
-}
+std::pmr::memory_resource* secret_memory() noexcept { return &default_secret_pool(); }
 
 }  // namespace memshuffle::detail

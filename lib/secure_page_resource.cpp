@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <bit>
+#include <cerrno>
+#include <cstring>
 #include <cstdint>
 #include <new>
 #include <stdexcept>
@@ -59,7 +61,14 @@ void* secure_page_resource::do_allocate(std::size_t bytes, std::size_t alignment
     throw std::bad_alloc();
   }
   if (options_.dont_dump) ::madvise(base, mapped, MADV_DONTDUMP);  // best effort
+  if (options_.wipe_on_fork) ::madvise(data, usable, MADV_WIPEONFORK);
   if (options_.lock) r.locked = ::mlock(data, usable) == 0;
+  if (options_.lock && !r.locked && options_.lock_refused == on_lock_refused::fail) {
+    const int err = errno;
+    ::munmap(base, mapped);
+    throw secret_memory_refused(std::string("memshuffle: secure_page_resource: mlock refused: ") +
+                                std::strerror(err));
+  }
 
   // The end of the block abuts the trailing guard page.
   const auto end = reinterpret_cast<std::uintptr_t>(data + usable);

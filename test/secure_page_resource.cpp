@@ -5,9 +5,11 @@
 
 #include <memshuffle/secure_page_resource.hpp>
 #include <test/support/child_process.hpp>
+#include <test/support/smaps.hpp>
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -27,29 +29,7 @@ namespace {
 
 const std::size_t page = secure_page_resource::page_size();
 
-std::uintptr_t address(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
-
-// True while the page holding p is mapped (msync reports ENOMEM for unmapped memory).
-bool mapped(const void* p) {
-  void* start = reinterpret_cast<void*>(address(p) & ~(std::uintptr_t{page} - 1));
-  return ::msync(start, page, MS_ASYNC) == 0 || errno != ENOMEM;
-}
-
-// The VmFlags the kernel reports for the mapping holding p ("dd" is MADV_DONTDUMP,
-// "lo" is locked).
-std::string vm_flags(const void* p) {
-  std::ifstream smaps("/proc/self/smaps");
-  std::string line;
-  bool inside = false;
-  while (std::getline(smaps, line)) {
-    std::uintptr_t lo = 0, hi = 0;
-    char dash = 0;
-    std::istringstream head(line);
-    if (head >> std::hex >> lo >> dash >> hi && dash == '-') inside = lo <= address(p) && address(p) < hi;
-    else if (inside && line.rfind("VmFlags:", 0) == 0) return line;
-  }
-  return {};
-}
+std::uintptr_t address(const void* p) { return address_of(p); }
 
 // Allocates a block in a child, writes one byte at `offset` from its start, and
 // reports how the child ended.
@@ -185,7 +165,7 @@ TEST_CASE("mlock is granted up to the RLIMIT_MEMLOCK budget and refused past it"
     std::vector<void*> blocks;
     for (std::size_t used = 0; used + page <= 64 * 1024; used += page) blocks.push_back(r.allocate(32));
     const bool all_locked = r.locked() && r.stats().bytes_locked == blocks.size() * page &&
-                            vm_flags(blocks.front()).find(" lo") != std::string::npos;
+                            has_flag(blocks.front(), "lo");
     void* over = r.allocate(32);
     const bool refused = !r.locked() && r.stats().lock_failures == 1;
     r.deallocate(over, 32);
@@ -197,13 +177,45 @@ TEST_CASE("mlock is granted up to the RLIMIT_MEMLOCK budget and refused past it"
   CHECK(exited_with(status, 0));
 }
 
+TEST_CASE("under fail a refused mlock throws a bad_alloc and maps nothing" *
+          doctest::skip(!mlock_is_real)) {
+  const int status = run_in_child([] {
+    if (!limit_memlock(0)) return false;
+    secure_page_resource r(secure_page_options{.lock_refused = memshuffle::on_lock_refused::fail});
+    bool threw = false;
+    try {
+      (void)r.allocate(64);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    const auto s = r.stats();
+    return threw && s.allocations == 0 && s.bytes_mapped == 0 && s.total_allocations == 0;
+  });
+  INFO("child " << describe(status));
+  CHECK(exited_with(status, 0));
+}
+
+TEST_CASE("a fork child sees zeros where the parent's secure pages hold data") {
+  secure_page_resource r;
+  auto* p = static_cast<unsigned char*>(r.allocate(64));
+  std::memset(p, 0x42, 64);
+  CHECK(has_flag(p, "wf"));
+  const int status = run_in_child([p] {
+    return std::all_of(p, p + 64, [](unsigned char c) { return c == 0; });
+  });
+  INFO("child " << describe(status));
+  CHECK(exited_with(status, 0));
+  CHECK(p[63] == 0x42);
+  r.deallocate(p, 64);
+}
+
 TEST_CASE("secure pages are left out of core dumps") {
   secure_page_resource r;
   secure_page_resource dumped(secure_page_options{.dont_dump = false});
   void* p = r.allocate(64);
   void* q = dumped.allocate(64);
-  CHECK(vm_flags(p).find(" dd") != std::string::npos);
-  CHECK(vm_flags(q).find(" dd") == std::string::npos);
+  CHECK(has_flag(p, "dd"));
+  CHECK_FALSE(has_flag(q, "dd"));
   CHECK_FALSE(vm_flags(q).empty());
   r.deallocate(p, 64);
   dumped.deallocate(q, 64);

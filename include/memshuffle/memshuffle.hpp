@@ -5,6 +5,8 @@
 #include <memshuffle/arena_resource.hpp>
 #include <memshuffle/tracking_resource.hpp>
 #include <memshuffle/secure_page_resource.hpp>
+#include <memshuffle/secret_backend.hpp>
+#include <memshuffle/secret_pool_resource.hpp>
 #include <memshuffle/resource_adaptors.hpp>
 #include <memshuffle/cipher.hpp>
 #include <memshuffle/os_random.hpp>

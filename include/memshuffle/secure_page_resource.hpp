@@ -3,6 +3,8 @@
 // it is never swapped, left out of core dumps, optionally fenced by inaccessible guard
 // pages, and wiped before it is unmapped. Page granular, so meant for few, small,
 // long-lived blocks (keys, plaintext windows), not as a general-purpose heap.
+#include <memshuffle/secret_backend.hpp>
+
 #include <cstddef>
 #include <map>
 #include <memory_resource>
@@ -11,8 +13,12 @@
 namespace memshuffle {
 
 struct secure_page_options {
-  bool lock = true;         // mlock the pages; a refusal is counted, not an error
+  bool lock = true;         // mlock the pages
+  // A refused mlock: degrade (the default, kept for compatibility) counts it in
+  // stats().lock_failures and locked(); fail throws secret_memory_refused instead.
+  on_lock_refused lock_refused = on_lock_refused::degrade;
   bool dont_dump = true;    // MADV_DONTDUMP: leave the pages out of core dumps
+  bool wipe_on_fork = true; // MADV_WIPEONFORK: a child of fork() sees zeros
   // One PROT_NONE page before and after each allocation. The block is placed so that
   // its end abuts the trailing guard page (as libsodium's sodium_malloc does): one
   // byte past the end faults when the size is a multiple of the alignment (always
@@ -46,7 +52,9 @@ class secure_page_resource : public std::pmr::memory_resource {
 
  protected:
   // Alignment must be a power of two no larger than page_size() (std::invalid_argument
-  // otherwise); mmap failing gives std::bad_alloc.
+  // otherwise); mmap failing gives std::bad_alloc; a refused mlock under
+  // on_lock_refused::fail gives secret_memory_refused (a std::bad_alloc). Nothing
+  // changes when it throws.
   void* do_allocate(std::size_t bytes, std::size_t alignment) override;
   // Pointers this resource did not hand out are ignored.
   void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override;
