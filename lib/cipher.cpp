@@ -159,8 +159,8 @@ struct cipher::impl {
   pool<detail::masked_gcm<true>> gcm_enc{*secret};
   pool<detail::masked_gcm<false>> gcm_dec{*secret};
 
-  impl(cipher_kind k, std::span<const std::byte> key)
-      : kind(k), secret(detail::secret_memory(), size_of_secrets(k)) {
+  impl(cipher_kind k, std::span<const std::byte> key, std::pmr::memory_resource* secret_resource)
+      : kind(k), secret(secret_resource, size_of_secrets(k)) {
     os_random(secret->schedule_pad);
     if (kind == cipher_kind::aes_256_gcm) {
       os_random(secret->table_pad);
@@ -230,7 +230,8 @@ struct cipher::impl {
   }
 };
 
-cipher::cipher(cipher_kind kind, std::span<const std::byte> key) {
+cipher::cipher(cipher_kind kind, std::span<const std::byte> key,
+               std::pmr::memory_resource* secret_resource) {
   if (key.size() != key_size)
     throw std::invalid_argument("memshuffle::cipher: the key must be 32 bytes, got " +
                                 std::to_string(key.size()));
@@ -238,7 +239,8 @@ cipher::cipher(cipher_kind kind, std::span<const std::byte> key) {
       kind != cipher_kind::aes_256_gcm)
     throw std::invalid_argument("memshuffle::cipher: unknown cipher_kind");
   const detail::vector_register_guard clear;  // keying leaves round keys in them
-  impl_ = std::make_unique<impl>(kind, key);
+  impl_ = std::make_unique<impl>(kind, key,
+                                 secret_resource != nullptr ? secret_resource : detail::secret_memory());
 }
 
 cipher::~cipher() = default;

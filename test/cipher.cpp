@@ -4,15 +4,29 @@
 #include <doctest/doctest.h>
 
 #include <memshuffle/cipher.hpp>
+#include <memshuffle/detail/sanitizers.hpp>
 #include <memshuffle/error.hpp>
+#include <memshuffle/secure_wipe.hpp>
+
+#include "test/support/child_process.hpp"
+#include "test/support/seed.hpp"
+#include "test/support/vector_register_file.hpp"
 
 #include <crypto++/aes.h>
 #include <crypto++/modes.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <fstream>
+#include <memory>
+#include <memory_resource>
 #include <random>
+#include <span>
 #include <stdexcept>
+#include <string>
 #include <string_view>
 #include <thread>
 #include <vector>
@@ -110,6 +124,148 @@ struct gcm_message {
   bytes aad = hex(spec_aad);
   bytes data = hex(spec_plaintext_60);
   bytes tag = bytes(cipher::gcm_tag_size);
+};
+
+}  // namespace
+
+// What the custody tests look for: 16-byte blocks of key material, keystream and
+// plaintext, held on the stack (never in the heap that one of them scans).
+namespace {
+
+using block = std::array<std::byte, 16>;
+
+struct secret_blocks {
+  std::array<block, 96> b{};
+  std::size_t n = 0;
+  void add(const block& x) {
+    if (n < b.size()) b[n++] = x;
+  }
+  void add_data(std::span<const std::byte> data) {
+    for (std::size_t i = 0; i + 16 <= data.size(); i += 16) {
+      block x;
+      std::copy_n(data.begin() + static_cast<long>(i), 16, x.begin());
+      add(x);
+    }
+  }
+};
+
+// Crypto++'s expanded key (in the byte order it keeps, and with each 32-bit word
+// reversed, which covers both of its layouts) and AES_K of chosen blocks. The object
+// is gone, its buffers wiped by Crypto++, before any caller scans memory.
+class aes_probe : public CryptoPP::AES::Encryption {
+ public:
+  explicit aes_probe(std::span<const std::byte> key) {
+    SetKey(reinterpret_cast<const CryptoPP::byte*>(key.data()), key.size());
+  }
+  void add_round_keys(secret_blocks& s) const {
+    const auto* p = reinterpret_cast<const std::byte*>(m_key.data());
+    for (std::size_t r = 0; r + 16 <= m_key.SizeInBytes(); r += 16) {
+      block as_kept, swapped;
+      std::copy_n(p + r, 16, as_kept.begin());
+      for (std::size_t i = 0; i < 16; ++i) swapped[i] = as_kept[(i & ~std::size_t{3}) + 3 - (i & 3)];
+      s.add(as_kept);
+      s.add(swapped);
+    }
+  }
+  block encrypt(const block& in) const {
+    block out;
+    ProcessBlock(reinterpret_cast<const CryptoPP::byte*>(in.data()), reinterpret_cast<CryptoPP::byte*>(out.data()));
+    return out;
+  }
+};
+
+// The counter block plus n, 128-bit big-endian (CTR), or in its last 32 bits (GCM).
+block counter_plus(block c, std::size_t n, std::size_t width) {
+  for (std::size_t i = 16; i-- > 16 - width && n != 0;) {
+    const std::size_t sum = static_cast<std::size_t>(c[i]) + (n & 0xFF);
+    c[i] = static_cast<std::byte>(sum);
+    n = (n >> 8) + (sum >> 8);
+  }
+  return c;
+}
+
+// Round keys, the keystream blocks of `blocks` blocks from `first`, and for GCM the
+// hash key H = AES_K(0).
+secret_blocks key_material(std::span<const std::byte> key, const block& first, std::size_t blocks,
+                           std::size_t counter_width, bool gcm) {
+  secret_blocks s;
+  const aes_probe aes(key);
+  aes.add_round_keys(s);
+  for (std::size_t i = 0; i < blocks; ++i) s.add(aes.encrypt(counter_plus(first, i, counter_width)));
+  if (gcm) s.add(aes.encrypt(block{}));
+  return s;
+}
+
+std::size_t hits_in(const memshuffle::testing::vector_register_file& f, const secret_blocks& s) {
+  std::size_t hits = 0;
+  for (std::size_t r = 0; r < f.count; ++r)
+    for (std::size_t i = 0; i < s.n; ++i) hits += f.reg[r] == s.b[i];
+  return hits;
+}
+
+constexpr std::array<std::byte, 32> fixed_key = [] {
+  std::array<std::byte, 32> k{};
+  for (std::size_t i = 0; i < k.size(); ++i) k[i] = static_cast<std::byte>(0xA5 ^ (i * 29));
+  return k;
+}();
+
+// Counts where any of the blocks occurs in [begin, end), at every 4-byte offset.
+// Reads memory the address sanitizer may have poisoned, hence unchecked.
+__attribute__((no_sanitize_address, no_sanitize_thread)) std::size_t
+occurrences(const std::byte* begin, const std::byte* end, const secret_blocks& s) {
+  std::size_t hits = 0;
+  for (const std::byte* p = begin; p + 16 <= end; p += 4)
+    for (std::size_t i = 0; i < s.n; ++i) {
+      const std::byte* q = s.b[i].data();
+      bool same = true;
+      for (std::size_t j = 0; j < 16 && same; ++j) same = p[j] == q[j];
+      hits += same;
+    }
+  return hits;
+}
+
+// glibc's main heap (where the main thread's malloc draws from).
+std::pair<const std::byte*, const std::byte*> heap_mapping() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line))
+    if (line.ends_with("[heap]")) {
+      const auto dash = line.find('-');
+      const auto begin = std::stoull(line.substr(0, dash), nullptr, 16);
+      const auto end = std::stoull(line.substr(dash + 1), nullptr, 16);
+      return {reinterpret_cast<const std::byte*>(begin), reinterpret_cast<const std::byte*>(end)};
+    }
+  return {nullptr, nullptr};
+}
+
+std::size_t heap_occurrences(const secret_blocks& s) {
+  const auto [begin, end] = heap_mapping();
+  return begin == nullptr ? 0 : occurrences(begin, end, s);
+}
+
+// A secret resource of whole pages that a test can make inaccessible: in a fork child
+// that is what memfd_secret memory is (not mapped at all).
+class page_resource : public std::pmr::memory_resource {
+ public:
+  std::vector<std::pair<void*, std::size_t>> pages;
+  std::size_t deallocations = 0;
+  void make_inaccessible() {
+    for (auto [p, n] : pages) ::mprotect(p, n, PROT_NONE);
+  }
+
+ private:
+  static std::size_t rounded(std::size_t n) { return (n + 4095) / 4096 * 4096; }
+  void* do_allocate(std::size_t n, std::size_t) override {
+    void* p = ::mmap(nullptr, rounded(n), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    pages.emplace_back(p, rounded(n));
+    return p;
+  }
+  void do_deallocate(void* p, std::size_t n, std::size_t) override {
+    ++deallocations;  // without touching the bytes: munmap only
+    ::munmap(p, rounded(n));
+  }
+  bool do_is_equal(const std::pmr::memory_resource& o) const noexcept override { return this == &o; }
 };
 
 }  // namespace
@@ -273,8 +429,7 @@ TEST_CASE("the CTR counter block is one 128-bit big-endian number that carries a
 }
 
 TEST_CASE("AES-256-CTR agrees with Crypto++'s CTR mode on random keys, counters and lengths") {
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 rng(seed);
   for (int round = 0; round < 200; ++round) {
     const bytes key = random_bytes(rng, 32), iv = random_bytes(rng, 16);
@@ -299,11 +454,143 @@ TEST_CASE("a moved-from cipher refuses to work instead of crashing") {
 
 }  // TEST_SUITE("crypto")
 
+TEST_SUITE("crypto") {
+
+TEST_CASE("after a CTR seal or open the vector registers hold no round key, keystream or plaintext") {
+  if (!memshuffle::testing::vector_registers_readable) return;
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 rng(seed);
+  const cipher c(cipher_kind::aes_256_ctr, fixed_key);
+  block iv{};
+  iv[15] = std::byte{0xFC};  // the counter carries across a byte within the data
+  for (std::size_t n : {16, 100, 4096 + 7}) {
+    CAPTURE(n);
+    const bytes plaintext = random_bytes(rng, n);
+    secret_blocks secret = key_material(fixed_key, iv, n / 16 + 1, 16, false);
+    secret.add_data(plaintext);
+    memshuffle::testing::vector_register_file after_seal, after_open;
+    bytes data = plaintext;
+    c.seal(iv, {}, data, {});
+    MEMSHUFFLE_READ_VECTOR_REGISTERS(after_seal);
+    c.open(iv, {}, data, {});
+    MEMSHUFFLE_READ_VECTOR_REGISTERS(after_open);
+    REQUIRE(data == plaintext);
+    CHECK(hits_in(after_seal, secret) == 0);
+    CHECK(hits_in(after_open, secret) == 0);
+  }
+}
+
+TEST_CASE("after a GCM seal or open the vector registers hold no round key, hash key, keystream or plaintext") {
+  if (!memshuffle::testing::vector_registers_readable) return;
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 rng(seed);
+  const cipher c(cipher_kind::aes_256_gcm, fixed_key);
+  const bytes nonce = random_bytes(rng, cipher::gcm_nonce_size);
+  block j0{};  // the first counter block of a 12-byte nonce: nonce || 0x00000001
+  std::copy(nonce.begin(), nonce.end(), j0.begin());
+  j0[15] = std::byte{1};
+  for (std::size_t n : {16, 100, 4096 + 7}) {
+    CAPTURE(n);
+    const bytes plaintext = random_bytes(rng, n);
+    secret_blocks secret = key_material(fixed_key, j0, n / 16 + 2, 4, true);
+    secret.add_data(plaintext);
+    memshuffle::testing::vector_register_file after_seal, after_open;
+    bytes data = plaintext, tag(cipher::gcm_tag_size);
+    c.seal(nonce, {}, data, tag);
+    MEMSHUFFLE_READ_VECTOR_REGISTERS(after_seal);
+    c.open(nonce, {}, data, tag);
+    MEMSHUFFLE_READ_VECTOR_REGISTERS(after_open);
+    REQUIRE(data == plaintext);
+    CHECK(hits_in(after_seal, secret) == 0);
+    CHECK(hits_in(after_open, secret) == 0);
+  }
+}
+
+TEST_CASE("between calls the heap holds no key, round key, hash key or keystream of a cipher") {
+  if (memshuffle::detail::address_sanitizer) return;  // its allocator does not use [heap]
+  const block counter{};
+  // Key material of 300 bytes of data for CTR (counter 0) and GCM (a zero nonce).
+  block j0{};
+  j0[15] = std::byte{1};
+  secret_blocks secret = key_material(fixed_key, counter, 20, 16, false);
+  const secret_blocks gcm_secret = key_material(fixed_key, j0, 20, 4, true);
+  for (std::size_t i = 30; i < gcm_secret.n; ++i) secret.add(gcm_secret.b[i]);  // keystream, H
+  {
+    // The scan finds what is there: a round key copied into the heap.
+    auto planted = std::make_unique<block>(secret.b[4]);
+    REQUIRE(heap_occurrences(secret) >= 1);
+    memshuffle::secure_wipe(planted.get(), sizeof(block));
+  }
+  REQUIRE(heap_occurrences(secret) == 0);
+
+  const cipher ctr(cipher_kind::aes_256_ctr, fixed_key);
+  const cipher gcm(cipher_kind::aes_256_gcm, fixed_key);
+  bytes data(300, std::byte{0x5A}), tag(cipher::gcm_tag_size);
+  ctr.seal(counter, {}, data, {});
+  ctr.open(counter, {}, data, {});
+  gcm.seal(bytes(cipher::gcm_nonce_size), {}, data, tag);
+  gcm.open(bytes(cipher::gcm_nonce_size), {}, data, tag);
+  REQUIRE(data == bytes(300, std::byte{0x5A}));
+  CHECK(heap_occurrences(secret) == 0);
+}
+
+TEST_CASE("a cipher used in a child made by fork() throws fork_error and leaves the data alone") {
+  for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+    CAPTURE(static_cast<int>(kind));
+    const cipher c(kind, fixed_key);
+    const bytes iv(kind == cipher_kind::aes_256_ctr ? 16 : 12), original(100, std::byte{3});
+    const int status = memshuffle::testing::run_in_child([&] {
+      bytes data = original, tag(c.tag_size());
+      int refused = 0;
+      try {
+        c.seal(iv, {}, data, tag);
+      } catch (const memshuffle::fork_error&) {
+        ++refused;
+      }
+      try {
+        c.open(iv, {}, data, tag);
+      } catch (const memshuffle::fork_error&) {
+        ++refused;
+      }
+      return refused == 2 && data == original;
+    });
+    CHECK_MESSAGE(memshuffle::testing::exited_with(status, 0), memshuffle::testing::describe(status));
+    // The parent goes on as before.
+    bytes data = original, tag(c.tag_size());
+    c.seal(iv, {}, data, tag);
+    CHECK(data != original);
+    c.open(iv, {}, data, tag);
+    CHECK(data == original);
+  }
+}
+
+TEST_CASE("a cipher destroyed in a child made by fork() frees its secret memory without touching it") {
+  for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+    CAPTURE(static_cast<int>(kind));
+    page_resource secret_pages;
+    auto c = std::make_unique<cipher>(kind, fixed_key, &secret_pages);
+    bytes data(64), tag(c->tag_size());
+    c->seal(bytes(kind == cipher_kind::aes_256_ctr ? 16 : 12), {}, data, tag);
+    REQUIRE(!secret_pages.pages.empty());
+    const int status = memshuffle::testing::run_in_child([&] {
+      // As memfd_secret memory in a child: any read or write of it faults.
+      memshuffle::testing::default_segv_action();
+      secret_pages.make_inaccessible();
+      c.reset();
+      return secret_pages.deallocations == secret_pages.pages.size();
+    });
+    CHECK_MESSAGE(memshuffle::testing::exited_with(status, 0), memshuffle::testing::describe(status));
+    c.reset();
+    CHECK(secret_pages.deallocations == secret_pages.pages.size());
+  }
+}
+
+}  // TEST_SUITE("crypto")
+
 TEST_SUITE("concurrency") {
 
 TEST_CASE("one cipher seals and opens on several threads at once with the results of one thread") {
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
   for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
     CAPTURE(static_cast<int>(kind));
     std::mt19937_64 rng(seed);
