@@ -141,6 +141,40 @@ class pool {
   std::vector<std::unique_ptr<Mode>> free_;
 };
 
+// libcrypto++ is bound lazily: the first call of each of its internal paths runs the
+// dynamic linker, which saves the vector registers (round keys, keystream, plaintext)
+// on the stack. Running every path once under a throwaway key, before any real key is
+// used, binds them all while the registers hold nothing secret.
+void bind_crypto_paths() {
+  const byte zero_key[cipher::key_size] = {}, nonce[16] = {}, aad[5] = {};
+  alignas(16) byte data[100] = {}, tag[cipher::gcm_tag_size] = {};
+  detail::masked_aes aes;
+  aes.SetKey(zero_key, sizeof zero_key);
+  const int flags = CryptoPP::BlockTransformation::BT_InBlockIsCounter |
+                    CryptoPP::BlockTransformation::BT_AllowParallel;
+  for (std::size_t blocks : {1, 2, 3, 4, 5, 6}) {
+    alignas(16) byte counter[block_size] = {};
+    aes.AdvancedProcessBlocks(counter, data, data, blocks * block_size, flags);
+  }
+  aes.ProcessBlock(nonce, data);
+  detail::masked_gcm<true> enc;
+  detail::masked_gcm<false> dec;
+  enc.SetKeyWithIV(zero_key, sizeof zero_key, nonce, cipher::gcm_nonce_size);
+  dec.SetKeyWithIV(zero_key, sizeof zero_key, nonce, cipher::gcm_nonce_size);
+  for (std::size_t nonce_size : {cipher::gcm_nonce_size, sizeof nonce})
+    for (std::size_t n : {std::size_t{0}, std::size_t{16}, sizeof data - 1}) {
+      enc.EncryptAndAuthenticate(data, tag, sizeof tag, nonce, static_cast<int>(nonce_size), aad,
+                                 sizeof aad, data, n);
+      (void)dec.DecryptAndVerify(data, tag, sizeof tag, nonce, static_cast<int>(nonce_size), aad,
+                                 sizeof aad, data, n);
+      tag[0] ^= 1;
+      (void)dec.DecryptAndVerify(data, tag, sizeof tag, nonce, static_cast<int>(nonce_size), aad,
+                                 sizeof aad, data, n);
+      dec.Resynchronize(nonce, static_cast<int>(nonce_size));
+      dec.ProcessString(data, n);
+    }
+}
+
 }  // namespace
 
 struct cipher::impl {
@@ -239,6 +273,8 @@ cipher::cipher(cipher_kind kind, std::span<const std::byte> key,
       kind != cipher_kind::aes_256_gcm)
     throw std::invalid_argument("memshuffle::cipher: unknown cipher_kind");
   const detail::vector_register_guard clear;  // keying leaves round keys in them
+  static std::once_flag bound;
+  if (kind != cipher_kind::none) std::call_once(bound, bind_crypto_paths);
   impl_ = std::make_unique<impl>(kind, key,
                                  secret_resource != nullptr ? secret_resource : detail::secret_memory());
 }
