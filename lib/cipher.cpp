@@ -3,20 +3,33 @@
 // The hot path never runs a key schedule: CTR keeps one expanded AES key and drives
 // it through the const AdvancedProcessBlocks (counter mode in hardware), GCM keeps a
 // small pool of GCM objects keyed once and only resynchronises them per call.
+//
+// Custody (docs/security.md, "The cipher's custody"): between calls every expanded key
+// and every GCM hash key table in the heap is masked with a pad from secret memory, the
+// raw key (kept for GCM only, to key new pooled objects) lives in secret memory, what
+// a call leaves in Crypto++'s buffers is wiped, and the vector registers are cleared
+// on the way out of every call.
 #include <memshuffle/cipher.hpp>
 #include <memshuffle/error.hpp>
+#include <memshuffle/os_random.hpp>
+#include <memshuffle/secure_wipe.hpp>
 
-#include <crypto++/aes.h>
+#include "fork_epoch.hpp"
+#include "masked_crypto.hpp"
+#include "secret_memory.hpp"
+#include "vector_registers.hpp"
+
 #include <crypto++/cpu.h>
-#include <crypto++/gcm.h>
 #include <crypto++/misc.h>
-#include <crypto++/osrng.h>
-#include <crypto++/secblock.h>
 
 #include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory_resource>
 #include <mutex>
 #include <new>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace memshuffle {
@@ -39,80 +52,201 @@ void add_to_counter(byte* counter, std::size_t n) {
   }
 }
 
+// What lives in secret memory: the raw key (GCM only) and the pads.
+struct secrets {
+  std::byte key[cipher::key_size];
+  std::byte schedule_pad[detail::schedule_pad_size];
+  std::byte table_pad[detail::table_pad_size];
+};
+
+// The secrets' allocation. In a fork child the bytes are not touched (with
+// memfd_secret they have no mapping there); the resource's deallocate is safe there.
+class secret_allocation {
+ public:
+  secret_allocation(std::pmr::memory_resource* resource, std::size_t size)
+      : resource_(resource), size_(size),
+        p_(static_cast<secrets*>(resource->allocate(size, alignof(secrets)))) {}
+  ~secret_allocation() {
+    if (detail::fork_epoch() == epoch_) secure_wipe(p_, size_);
+    resource_->deallocate(p_, size_, alignof(secrets));
+  }
+  secret_allocation(const secret_allocation&) = delete;
+  secret_allocation& operator=(const secret_allocation&) = delete;
+  secrets* operator->() const noexcept { return p_; }
+  const secrets& operator*() const noexcept { return *p_; }
+  std::uint64_t epoch() const noexcept { return epoch_; }
+
+ private:
+  std::pmr::memory_resource* resource_;
+  std::size_t size_;
+  secrets* p_;
+  std::uint64_t epoch_ = detail::fork_epoch();
+};
+
+std::span<const std::byte> schedule_pad(const secrets& s) noexcept { return s.schedule_pad; }
+std::span<const std::byte> table_pad(const secrets& s) noexcept { return s.table_pad; }
+
+// GCM objects keyed once, each used by one thread at a time, masked while pooled.
+template <class Mode>
+class pool {
+ public:
+  explicit pool(const secrets& s) : secrets_(s) {}
+  struct lease {
+    pool* owner;
+    std::unique_ptr<Mode> mode;
+    // Runs in destructors and noexcept paths: when the pool cannot grow, the mode
+    // object is dropped (its buffers wipe themselves) and keyed afresh later.
+    ~lease() {
+      if (!mode) return;
+      mode->wipe_call_state();
+      mode->toggle_mask(schedule_pad(owner->secrets_), table_pad(owner->secrets_));
+      std::lock_guard lock(owner->m_);
+      try {
+        owner->free_.push_back(std::move(mode));
+      } catch (const std::bad_alloc&) {
+      }
+    }
+    Mode* operator->() const { return mode.get(); }
+  };
+  lease take() {
+    std::unique_ptr<Mode> m;
+    {
+      std::lock_guard lock(m_);
+      if (!free_.empty()) {
+        m = std::move(free_.back());
+        free_.pop_back();
+      }
+    }
+    if (m) {
+      m->toggle_mask(schedule_pad(secrets_), table_pad(secrets_));
+      return {this, std::move(m)};
+    }
+    return {this, keyed()};
+  }
+
+ private:
+  std::unique_ptr<Mode> keyed() const {
+    auto m = std::make_unique<Mode>();
+    // Crypto++ insists on an IV when keying; every call resynchronises anyway.
+    const byte unused_iv[cipher::gcm_nonce_size] = {};
+    m->SetKeyWithIV(reinterpret_cast<const byte*>(secrets_.key), cipher::key_size, unused_iv,
+                    sizeof unused_iv);
+    if (m->schedule_bytes() > detail::schedule_pad_size || m->table_bytes() > detail::table_pad_size)
+      throw std::logic_error("memshuffle::cipher: Crypto++'s GCM state is larger than its pad");
+    return m;
+  }
+
+  const secrets& secrets_;
+  std::mutex m_;
+  std::vector<std::unique_ptr<Mode>> free_;
+};
+
+// libcrypto++ is bound lazily: the first call of each of its internal paths runs the
+// dynamic linker, which saves the vector registers (round keys, keystream, plaintext)
+// on the stack. Running every path once under a throwaway key, before any real key is
+// used, binds them all while the registers hold nothing secret.
+void bind_crypto_paths() {
+  const byte zero_key[cipher::key_size] = {}, nonce[16] = {}, aad[5] = {};
+  alignas(16) byte data[100] = {}, tag[cipher::gcm_tag_size] = {};
+  detail::masked_aes aes;
+  aes.SetKey(zero_key, sizeof zero_key);
+  const int flags = CryptoPP::BlockTransformation::BT_InBlockIsCounter |
+                    CryptoPP::BlockTransformation::BT_AllowParallel;
+  for (std::size_t blocks : {1, 2, 3, 4, 5, 6}) {
+    alignas(16) byte counter[block_size] = {};
+    aes.AdvancedProcessBlocks(counter, data, data, blocks * block_size, flags);
+  }
+  aes.ProcessBlock(nonce, data);
+  detail::masked_gcm<true> enc;
+  detail::masked_gcm<false> dec;
+  enc.SetKeyWithIV(zero_key, sizeof zero_key, nonce, cipher::gcm_nonce_size);
+  dec.SetKeyWithIV(zero_key, sizeof zero_key, nonce, cipher::gcm_nonce_size);
+  for (std::size_t nonce_size : {cipher::gcm_nonce_size, sizeof nonce})
+    for (std::size_t n : {std::size_t{0}, std::size_t{16}, sizeof data - 1}) {
+      enc.EncryptAndAuthenticate(data, tag, sizeof tag, nonce, static_cast<int>(nonce_size), aad,
+                                 sizeof aad, data, n);
+      (void)dec.DecryptAndVerify(data, tag, sizeof tag, nonce, static_cast<int>(nonce_size), aad,
+                                 sizeof aad, data, n);
+      tag[0] ^= 1;
+      (void)dec.DecryptAndVerify(data, tag, sizeof tag, nonce, static_cast<int>(nonce_size), aad,
+                                 sizeof aad, data, n);
+      dec.Resynchronize(nonce, static_cast<int>(nonce_size));
+      dec.ProcessString(data, n);
+    }
+}
+
 }  // namespace
 
 struct cipher::impl {
   cipher_kind kind;
-  CryptoPP::SecByteBlock key;
+  secret_allocation secret;
 
-  // CTR: the expanded key. Without AES-NI, Crypto++'s table-driven AES uses a mutable
-  // scratch block inside the key object, so calls are serialised then.
-  CryptoPP::AES::Encryption aes;
+  // CTR: the expanded key, masked while no call uses it. Without AES-NI, Crypto++'s
+  // table-driven AES uses a mutable scratch block inside the key object, so calls are
+  // serialised then.
+  mutable detail::masked_aes aes;
   bool aes_shared_safely = CryptoPP::HasAESNI();
   mutable std::mutex aes_mutex;
+  mutable std::mutex mask_mutex;
+  mutable std::size_t schedule_users = 0;
 
-  // GCM: mode objects keyed once, each used by one thread at a time.
-  template <class Mode>
-  class pool {
-   public:
-    explicit pool(const CryptoPP::SecByteBlock& key) : key_(key) {}
-    struct lease {
-      pool* owner;
-      std::unique_ptr<Mode> mode;
-      // Runs in destructors and noexcept paths: when the pool cannot grow, the mode
-      // object is simply dropped (and keyed afresh by a later take()).
-      ~lease() {
-        std::lock_guard lock(owner->m_);
-        try {
-          owner->free_.push_back(std::move(mode));
-        } catch (const std::bad_alloc&) {
-        }
-      }
-      Mode* operator->() const { return mode.get(); }
-    };
-    lease take() {
-      {
-        std::lock_guard lock(m_);
-        if (!free_.empty()) {
-          auto m = std::move(free_.back());
-          free_.pop_back();
-          return {this, std::move(m)};
-        }
-      }
-      auto m = std::make_unique<Mode>();
-      // Crypto++ insists on an IV when keying; every call resynchronises anyway.
-      const byte unused_iv[cipher::gcm_nonce_size] = {};
-      m->SetKeyWithIV(key_, key_.size(), unused_iv, sizeof unused_iv);
-      return {this, std::move(m)};
+  pool<detail::masked_gcm<true>> gcm_enc{*secret};
+  pool<detail::masked_gcm<false>> gcm_dec{*secret};
+
+  impl(cipher_kind k, std::span<const std::byte> key, std::pmr::memory_resource* secret_resource)
+      : kind(k), secret(secret_resource, size_of_secrets(k)) {
+    os_random(secret->schedule_pad);
+    if (kind == cipher_kind::aes_256_gcm) {
+      os_random(secret->table_pad);
+      std::copy(key.begin(), key.end(), secret->key);
     }
+    if (kind == cipher_kind::aes_256_ctr) {
+      aes.SetKey(bytes(key), key.size());
+      if (aes.schedule().size() > detail::schedule_pad_size)
+        throw std::logic_error("memshuffle::cipher: Crypto++'s AES schedule is larger than its pad");
+      aes.toggle_mask(schedule_pad(*secret));
+    }
+  }
+
+  // The raw key is kept for GCM only; the GCM pad only when there are GCM objects.
+  static std::size_t size_of_secrets(cipher_kind k) noexcept {
+    return k == cipher_kind::aes_256_gcm ? sizeof(secrets) : offsetof(secrets, table_pad);
+  }
+
+  // Unmasks the CTR schedule when the first concurrent call starts and masks it again
+  // when the last one ends.
+  class schedule_user {
+   public:
+    explicit schedule_user(const impl& i) : i_(i) {
+      std::lock_guard lock(i_.mask_mutex);
+      if (i_.schedule_users++ == 0) i_.aes.toggle_mask(schedule_pad(*i_.secret));
+    }
+    ~schedule_user() {
+      std::lock_guard lock(i_.mask_mutex);
+      if (--i_.schedule_users == 0) i_.aes.toggle_mask(schedule_pad(*i_.secret));
+    }
+    schedule_user(const schedule_user&) = delete;
+    schedule_user& operator=(const schedule_user&) = delete;
 
    private:
-    const CryptoPP::SecByteBlock& key_;
-    std::mutex m_;
-    std::vector<std::unique_ptr<Mode>> free_;
+    const impl& i_;
   };
-  pool<CryptoPP::GCM<CryptoPP::AES>::Encryption> gcm_enc{key};
-  pool<CryptoPP::GCM<CryptoPP::AES>::Decryption> gcm_dec{key};
-
-  impl(cipher_kind k, std::span<const std::byte> key_bytes)
-      : kind(k), key(bytes(key_bytes), key_bytes.size()) {
-    if (kind != cipher_kind::none) aes.SetKey(key, key.size());
-  }
 
   void ctr(std::span<const std::byte> iv, std::span<std::byte> data) const {
     std::unique_lock lock(aes_mutex, std::defer_lock);
     if (!aes_shared_safely) lock.lock();
+    const schedule_user user(*this);
     alignas(16) byte counter[block_size];
     std::copy_n(bytes(iv), block_size, counter);
     byte* p = bytes(data);
     std::size_t blocks = data.size() / block_size;
     const int flags = CryptoPP::BlockTransformation::BT_InBlockIsCounter |
                       CryptoPP::BlockTransformation::BT_AllowParallel;
+    alignas(16) byte start[block_size];
     while (blocks != 0) {
       // Crypto++ increments only the last counter byte; the carry into the rest of
       // the 128-bit block is ours.
       const std::size_t run = std::min<std::size_t>(blocks, 256 - counter[block_size - 1]);
-      alignas(16) byte start[block_size];
       std::copy_n(counter, block_size, start);
       aes.AdvancedProcessBlocks(start, p, p, run * block_size, flags);
       add_to_counter(counter, run);
@@ -123,20 +257,26 @@ struct cipher::impl {
       alignas(16) byte pad[block_size];
       aes.ProcessBlock(counter, pad);
       for (std::size_t i = 0; i < tail; ++i) p[i] ^= pad[i];
-      CryptoPP::SecureWipeBuffer(pad, block_size);
+      secure_wipe(pad, block_size);
     }
-    CryptoPP::SecureWipeBuffer(counter, block_size);
+    secure_wipe(counter, block_size);
+    secure_wipe(start, block_size);
   }
 };
 
-cipher::cipher(cipher_kind kind, std::span<const std::byte> key) {
+cipher::cipher(cipher_kind kind, std::span<const std::byte> key,
+               std::pmr::memory_resource* secret_resource) {
   if (key.size() != key_size)
     throw std::invalid_argument("memshuffle::cipher: the key must be 32 bytes, got " +
                                 std::to_string(key.size()));
   if (kind != cipher_kind::none && kind != cipher_kind::aes_256_ctr &&
       kind != cipher_kind::aes_256_gcm)
     throw std::invalid_argument("memshuffle::cipher: unknown cipher_kind");
-  impl_ = std::make_unique<impl>(kind, key);
+  const detail::vector_register_guard clear;  // keying leaves round keys in them
+  static std::once_flag bound;
+  if (kind != cipher_kind::none) std::call_once(bound, bind_crypto_paths);
+  impl_ = std::make_unique<impl>(kind, key,
+                                 secret_resource != nullptr ? secret_resource : detail::secret_memory());
 }
 
 cipher::~cipher() = default;
@@ -179,6 +319,10 @@ template <class Impl>
 bool symmetric_part(const Impl* impl, const cipher& c, std::span<const std::byte> iv, std::size_t aad_size,
                     std::span<std::byte> data, std::size_t tag_size) {
   if (impl == nullptr) throw std::logic_error("memshuffle::cipher: used after being moved from");
+  // A child of fork() would reuse the parent's keystream: it gets no use of the key.
+  if (detail::fork_epoch() != impl->secret.epoch())
+    throw fork_error("memshuffle::cipher: used in a child process made by fork(); a cipher "
+                     "works only in the process that constructed it");
   check_arguments(c, iv, aad_size, tag_size);
   if (impl->kind == cipher_kind::aes_256_ctr) impl->ctr(iv, data);
   return impl->kind == cipher_kind::aes_256_gcm;
@@ -188,6 +332,7 @@ bool symmetric_part(const Impl* impl, const cipher& c, std::span<const std::byte
 
 void cipher::seal(std::span<const std::byte> iv, std::span<const std::byte> aad,
                   std::span<std::byte> data, std::span<std::byte> tag) const {
+  const detail::vector_register_guard clear;
   if (!symmetric_part(impl_.get(), *this, iv, aad.size(), data, tag.size())) return;
   auto gcm = impl_->gcm_enc.take();
   gcm->EncryptAndAuthenticate(bytes(data), bytes(tag), tag.size(), bytes(iv), iv.size(),
@@ -196,6 +341,7 @@ void cipher::seal(std::span<const std::byte> iv, std::span<const std::byte> aad,
 
 void cipher::open(std::span<const std::byte> iv, std::span<const std::byte> aad,
                   std::span<std::byte> data, std::span<const std::byte> tag) const {
+  const detail::vector_register_guard clear;
   if (!symmetric_part(impl_.get(), *this, iv, aad.size(), data, tag.size())) return;
   auto gcm = impl_->gcm_dec.take();
   // One pass: the tag is computed over the ciphertext while it is decrypted in place.

@@ -4,15 +4,27 @@
 #include <doctest/doctest.h>
 
 #include <memshuffle/cipher.hpp>
+#include <memshuffle/detail/sanitizers.hpp>
 #include <memshuffle/error.hpp>
+#include <memshuffle/secure_wipe.hpp>
+
+#include "test/support/child_process.hpp"
+#include "test/support/cipher_custody.hpp"
+#include "test/support/seed.hpp"
 
 #include <crypto++/aes.h>
 #include <crypto++/modes.h>
 
+
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <random>
+#include <span>
 #include <stdexcept>
+#include <string>
 #include <string_view>
 #include <thread>
 #include <vector>
@@ -20,6 +32,16 @@
 using memshuffle::cipher;
 using memshuffle::cipher_kind;
 using bytes = std::vector<std::byte>;
+using memshuffle::testing::block;
+using memshuffle::testing::fixed_key;
+using memshuffle::testing::heap_occurrences;
+using memshuffle::testing::hits_in;
+using memshuffle::testing::key_material;
+using memshuffle::testing::page_resource;
+using memshuffle::testing::run_in_fresh_process;
+using memshuffle::testing::scrub_stack;
+using memshuffle::testing::secret_blocks;
+using memshuffle::testing::stack_occurrences;
 
 namespace {
 
@@ -113,6 +135,7 @@ struct gcm_message {
 };
 
 }  // namespace
+
 
 TEST_SUITE("crypto") {
 
@@ -273,8 +296,7 @@ TEST_CASE("the CTR counter block is one 128-bit big-endian number that carries a
 }
 
 TEST_CASE("AES-256-CTR agrees with Crypto++'s CTR mode on random keys, counters and lengths") {
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 rng(seed);
   for (int round = 0; round < 200; ++round) {
     const bytes key = random_bytes(rng, 32), iv = random_bytes(rng, 16);
@@ -297,13 +319,167 @@ TEST_CASE("a moved-from cipher refuses to work instead of crashing") {
   CHECK(b.kind() == cipher_kind::aes_256_ctr);
 }
 
+
+TEST_CASE("after a seal or open the vector registers hold no round key, hash key, keystream or plaintext") {
+  if (!memshuffle::testing::vector_registers_readable) return;
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 rng(seed);
+  for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+    CAPTURE(static_cast<int>(kind));
+    const bool gcm = kind == cipher_kind::aes_256_gcm;
+    const cipher c(kind, fixed_key);
+    // CTR: a counter that carries across a byte within the data. GCM: a random nonce,
+    // whose first counter block is nonce || 0x00000001.
+    const bytes iv = gcm ? random_bytes(rng, cipher::gcm_nonce_size) : hex("000000000000000000000000000000fc");
+    block first{};
+    std::copy(iv.begin(), iv.end(), first.begin());
+    if (gcm) first[15] = std::byte{1};
+    for (std::size_t n : {16, 100, 4096 + 7}) {
+      CAPTURE(n);
+      const bytes plaintext = random_bytes(rng, n);
+      secret_blocks secret = key_material(fixed_key, first, n / 16 + 2, gcm ? 4 : 16, gcm);
+      secret.add_data(plaintext);
+      memshuffle::testing::vector_register_file after_seal, after_open;
+      bytes data = plaintext, tag(c.tag_size());
+      c.seal(iv, {}, data, tag);
+      MEMSHUFFLE_READ_VECTOR_REGISTERS(after_seal);
+      c.open(iv, {}, data, tag);
+      MEMSHUFFLE_READ_VECTOR_REGISTERS(after_open);
+      REQUIRE(data == plaintext);
+      CHECK(hits_in(after_seal, secret) == 0);
+      CHECK(hits_in(after_open, secret) == 0);
+    }
+  }
+}
+
+TEST_CASE("between calls the heap holds no key, round key, hash key or keystream of a cipher") {
+  if (memshuffle::detail::address_sanitizer) return;  // its allocator does not use [heap]
+  const block counter{};
+  // Key material of 300 bytes of data for CTR (counter 0) and GCM (a zero nonce).
+  block j0{};
+  j0[15] = std::byte{1};
+  secret_blocks secret = key_material(fixed_key, counter, 20, 16, false);
+  const secret_blocks gcm_secret = key_material(fixed_key, j0, 20, 4, true);
+  for (std::size_t i = 30; i < gcm_secret.n; ++i) secret.add(gcm_secret.b[i]);  // keystream, H
+  {
+    // The scan finds what is there: a round key copied into the heap.
+    auto planted = std::make_unique<block>(secret.b[4]);
+    REQUIRE(heap_occurrences(secret) >= 1);
+    memshuffle::secure_wipe(planted.get(), sizeof(block));
+  }
+  REQUIRE(heap_occurrences(secret) == 0);
+
+  const cipher ctr(cipher_kind::aes_256_ctr, fixed_key);
+  const cipher gcm(cipher_kind::aes_256_gcm, fixed_key);
+  bytes data(300, std::byte{0x5A}), tag(cipher::gcm_tag_size);
+  ctr.seal(counter, {}, data, {});
+  ctr.open(counter, {}, data, {});
+  gcm.seal(bytes(cipher::gcm_nonce_size), {}, data, tag);
+  gcm.open(bytes(cipher::gcm_nonce_size), {}, data, tag);
+  REQUIRE(data == bytes(300, std::byte{0x5A}));
+  CHECK(heap_occurrences(secret) == 0);
+}
+
+TEST_CASE("a cipher used in a child made by fork() throws fork_error and leaves the data alone") {
+  for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+    CAPTURE(static_cast<int>(kind));
+    const cipher c(kind, fixed_key);
+    const bytes iv(kind == cipher_kind::aes_256_ctr ? 16 : 12), original(100, std::byte{3});
+    const int status = memshuffle::testing::run_in_child([&] {
+      bytes data = original, tag(c.tag_size());
+      int refused = 0;
+      try {
+        c.seal(iv, {}, data, tag);
+      } catch (const memshuffle::fork_error&) {
+        ++refused;
+      }
+      try {
+        c.open(iv, {}, data, tag);
+      } catch (const memshuffle::fork_error&) {
+        ++refused;
+      }
+      return refused == 2 && data == original;
+    });
+    CHECK_MESSAGE(memshuffle::testing::exited_with(status, 0), memshuffle::testing::describe(status));
+    // The parent goes on as before.
+    bytes data = original, tag(c.tag_size());
+    c.seal(iv, {}, data, tag);
+    CHECK(data != original);
+    c.open(iv, {}, data, tag);
+    CHECK(data == original);
+  }
+}
+
+TEST_CASE("a cipher destroyed in a child made by fork() frees its secret memory without touching it") {
+  for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+    CAPTURE(static_cast<int>(kind));
+    page_resource secret_pages;
+    auto c = std::make_unique<cipher>(kind, fixed_key, &secret_pages);
+    bytes data(64), tag(c->tag_size());
+    c->seal(bytes(kind == cipher_kind::aes_256_ctr ? 16 : 12), {}, data, tag);
+    REQUIRE(!secret_pages.pages.empty());
+    const int status = memshuffle::testing::run_in_child([&] {
+      // As memfd_secret memory in a child: any read or write of it faults.
+      memshuffle::testing::default_segv_action();
+      secret_pages.make_inaccessible();
+      c.reset();
+      return secret_pages.deallocations == secret_pages.pages.size();
+    });
+    CHECK_MESSAGE(memshuffle::testing::exited_with(status, 0), memshuffle::testing::describe(status));
+    c.reset();
+    CHECK(secret_pages.deallocations == secret_pages.pages.size());
+  }
+}
+
+
+TEST_CASE("the first seal and open in a process leave no key material or plaintext on the stack") {
+  // Measured: libcrypto++ is bound lazily, and the dynamic linker's first resolution of
+  // each of its internal calls saved the vector registers, round keys and plaintext
+  // among them, on the stack. The cipher binds those paths under a throwaway key first.
+  if (memshuffle::detail::address_sanitizer) return;  // its fake stacks move the frames
+  if (std::getenv("MEMSHUFFLE_FRESH_PROCESS") == nullptr) {
+    const int status = run_in_fresh_process(
+        "the first seal and open in a process leave no key material or plaintext on the stack");
+    CHECK_MESSAGE(memshuffle::testing::exited_with(status, 0), memshuffle::testing::describe(status));
+    return;
+  }
+  {
+    // Binds this program's own calls of the cipher without using Crypto++.
+    const cipher none(cipher_kind::none, fixed_key);
+    bytes data(16);
+    none.seal({}, {}, data, {});
+    none.open({}, {}, data, {});
+  }
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 rng(seed);
+  for (auto kind : {cipher_kind::aes_256_gcm, cipher_kind::aes_256_ctr}) {
+    CAPTURE(static_cast<int>(kind));
+    const bool gcm = kind == cipher_kind::aes_256_gcm;
+    const cipher c(kind, fixed_key);
+    block first{};
+    if (gcm) first[15] = std::byte{1};
+    for (std::size_t n : {16, 100, 4096 + 7}) {
+      CAPTURE(n);
+      const bytes plaintext = random_bytes(rng, n), iv(gcm ? 12 : 16);
+      secret_blocks secret = key_material(fixed_key, first, n / 16 + 2, gcm ? 4 : 16, gcm);
+      secret.add_data(plaintext);
+      bytes data = plaintext, tag(c.tag_size());
+      scrub_stack();
+      c.seal(iv, {}, data, tag);
+      CHECK(stack_occurrences(secret) == 0);
+      scrub_stack();
+      c.open(iv, {}, data, tag);
+      CHECK(stack_occurrences(secret) == 0);
+      REQUIRE(data == plaintext);
+    }
+  }
+}
 }  // TEST_SUITE("crypto")
 
 TEST_SUITE("concurrency") {
 
 TEST_CASE("one cipher seals and opens on several threads at once with the results of one thread") {
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
   for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
     CAPTURE(static_cast<int>(kind));
     std::mt19937_64 rng(seed);

@@ -1,9 +1,14 @@
 #pragma once
 // The cipher seam: the shuffler seals and opens whole entries through this and never
 // knows the algorithm. Crypto++ stays in lib/cipher.cpp.
+//
+// Custody (docs/security.md, "The cipher's custody"): between calls no raw key, AES
+// key schedule, GCM hash key or keystream of a cipher lies outside secret memory, and
+// every call clears the vector registers on its way out.
 #include <array>
 #include <cstddef>
 #include <memory>
+#include <memory_resource>
 #include <span>
 
 namespace memshuffle {
@@ -20,29 +25,51 @@ class cipher {
   static constexpr std::size_t gcm_nonce_size = 12;  // the recommended GCM nonce size
   static constexpr std::size_t gcm_tag_size = 16;
 
-  // key must be key_size bytes (std::invalid_argument otherwise); the cipher keeps
-  // its own copy in wiped memory.
-  cipher(cipher_kind kind, std::span<const std::byte> key);
+  /// \effects Makes a cipher of `kind` under `key`. The masking pads (and, for GCM,
+  ///          a copy of the key, which keys new pooled GCM objects) are allocated from
+  ///          `secret_resource`, the library's secret memory when it is null; the
+  ///          caller's key bytes are not kept. Crypto++'s heap copies of the expanded
+  ///          key are masked with those pads whenever no call uses them.
+  /// \throws std::invalid_argument when key.size() != key_size or kind is not one of
+  ///         the enumerators; std::bad_alloc (or what secret_resource throws).
+  /// \requires secret_resource, when given, outlives the cipher and is thread safe.
+  cipher(cipher_kind kind, std::span<const std::byte> key,
+         std::pmr::memory_resource* secret_resource = nullptr);
+  /// \effects Wipes and frees the key material. In a child process made by fork()
+  ///          it frees the secret allocation without reading or writing its bytes
+  ///          (with memfd_secret they are not mapped there).
   ~cipher();
-  cipher(cipher&&) noexcept;
-  cipher& operator=(cipher&&) noexcept;
+  /// \effects Takes other's state; other then throws std::logic_error from seal/open.
+  cipher(cipher&& other) noexcept;
+  /// \effects Destroys this cipher's state (as the destructor) and takes other's.
+  cipher& operator=(cipher&& other) noexcept;
   cipher(const cipher&) = delete;
   cipher& operator=(const cipher&) = delete;
 
+  /// \returns The kind given at construction (none after being moved from).
   cipher_kind kind() const noexcept;
-  // Bytes of authentication tag that seal() writes (0 for none and CTR).
+  /// \returns The bytes of authentication tag that seal() writes (0 for none and CTR).
   std::size_t tag_size() const noexcept;
 
-  // Encrypt data in place. CTR: iv is the full 16-byte initial counter block,
-  // incremented as a 128-bit big-endian number per block; aad and tag must be empty.
-  // GCM: iv is the nonce (any non-empty length; 12 bytes recommended), aad is
-  // authenticated, tag receives gcm_tag_size bytes. none: data is left as it is.
-  // Safe to call from several threads at once on one cipher.
+  /// \effects Encrypts data in place. CTR: iv is the full 16-byte initial counter
+  ///          block, incremented as a 128-bit big-endian number per block. GCM: iv is
+  ///          the nonce (12 bytes recommended), aad is authenticated, tag receives
+  ///          gcm_tag_size bytes. none: data is left as it is. Clears the vector
+  ///          registers before returning or throwing. Safe to call from several
+  ///          threads at once on one cipher.
+  /// \throws std::invalid_argument when iv, aad or tag do not fit the kind (CTR: iv
+  ///         not 16 bytes, aad or tag not empty; GCM: iv empty, tag not 16 bytes;
+  ///         none: tag not empty), data then unchanged; memshuffle::fork_error in a
+  ///         child process made by fork() after construction; std::logic_error after
+  ///         being moved from; std::bad_alloc when a GCM object cannot be made.
   void seal(std::span<const std::byte> iv, std::span<const std::byte> aad,
             std::span<std::byte> data, std::span<std::byte> tag) const;
 
-  // Decrypt data in place; GCM throws integrity_error (data then unchanged) when the
-  // tag does not match data, aad and iv.
+  /// \effects Decrypts data in place (the inverse of seal() with the same iv and aad).
+  ///          Clears the vector registers before returning or throwing. Safe to call
+  ///          from several threads at once on one cipher.
+  /// \throws memshuffle::integrity_error (GCM) when the tag does not match data, aad
+  ///         and iv, data then unchanged; otherwise as seal().
   void open(std::span<const std::byte> iv, std::span<const std::byte> aad,
             std::span<std::byte> data, std::span<const std::byte> tag) const;
 
