@@ -299,7 +299,9 @@ void memory_scan::search(const std::byte* buf, std::size_t n, std::size_t carry,
                          const std::string& where, scan_report& report) const {
   auto record = [&](scan_item& item, std::size_t at) {
     ++item.count;
-    if (item.hits.size() < 16) item.hits.push_back({base + at, where});
+    // The first few, and the first of every other mapping, so no place goes unnamed.
+    const bool new_place = item.hits.empty() || item.hits.back().where != where;
+    if (item.hits.size() < 16 || (new_place && item.hits.size() < 64)) item.hits.push_back({base + at, where});
   };
   for (std::size_t k = 0; k < needles_.size(); ++k) {
     const auto& x = needles_[k].bytes;
