@@ -12,6 +12,7 @@
 #include <test/support/memory_scan.hpp>
 #include <test/support/recording_resource.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -69,12 +70,19 @@ inline void check_clean(const scan_report& r, bool schedules = true) {
 #if defined(__GNUC__)
 __attribute__((no_sanitize_address))
 #endif
-inline std::vector<std::byte> raw_copy(const void* p, std::size_t n) {
-  std::vector<std::byte> out(n);
+inline void raw_copy_to(std::byte* out, const void* p, std::size_t n) {
   auto* src = static_cast<const volatile std::byte*>(p);
   for (std::size_t i = 0; i < n; ++i) out[i] = src[i];
-  return out;
 }
+
+// A copy on the heap, wiped when it ends: it may hold an entry's plaintext.
+struct wiped_copy {
+  std::vector<std::byte> bytes;
+  wiped_copy(const void* p, std::size_t n) : bytes(n) { raw_copy_to(bytes.data(), p, n); }
+  ~wiped_copy() { secure_wipe(bytes.data(), bytes.size()); }
+  wiped_copy(const wiped_copy&) = delete;
+  wiped_copy& operator=(const wiped_copy&) = delete;
+};
 
 // Where an entry's bytes lie in its upstream's blocks: the first byte that a change of
 // the entry changed, over a few changes.
@@ -87,17 +95,15 @@ located locate(const recording_resource& upstream, Change&& change, int times = 
   located at;
   for (int t = 0; t < times; ++t) {
     const auto blocks = upstream.live_blocks();
-    std::vector<std::vector<std::byte>> before;
-    for (const auto& b : blocks) before.push_back(raw_copy(b.p, b.bytes));
+    std::vector<std::unique_ptr<wiped_copy>> before;
+    for (const auto& b : blocks) before.push_back(std::make_unique<wiped_copy>(b.p, b.bytes));
     change(t);
     for (std::size_t i = 0; i < blocks.size(); ++i) {
-      const auto after = raw_copy(blocks[i].p, blocks[i].bytes);
-      for (std::size_t j = 0; j < after.size(); ++j)
-        if (after[j] != before[i][j]) {
-          const std::byte* q = static_cast<const std::byte*>(blocks[i].p) + j;
-          if (at.p == nullptr || q < at.p) at.p = q;
-          break;
-        }
+      const wiped_copy after(blocks[i].p, blocks[i].bytes);
+      const auto diff = std::mismatch(after.bytes.begin(), after.bytes.end(), before[i]->bytes.begin());
+      if (diff.first == after.bytes.end()) continue;
+      const std::byte* q = static_cast<const std::byte*>(blocks[i].p) + (diff.first - after.bytes.begin());
+      if (at.p == nullptr || q < at.p) at.p = q;
     }
   }
   return at;
