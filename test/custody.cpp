@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <functional>
 #include <chrono>
 #include <cstring>
 #include <optional>
@@ -56,6 +57,56 @@ scan_report scan_for_plaintext(const custody_secrets& k) {
 struct non_wiping_resource : recording_resource {
   non_wiping_resource() { keep_freed(true); }
 };
+
+
+// Runs fn in a forked child; what it writes to the pipe is returned with the status.
+template <class F>
+std::pair<int, std::string> in_child(F&& fn) {
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const int status = run_in_child([&] {
+    ::close(fds[0]);
+    std::string out;
+    const bool ok = fn(out);
+    for (std::size_t at = 0; at < out.size();) {
+      const ssize_t n = ::write(fds[1], out.data() + at, out.size() - at);
+      if (n <= 0) break;
+      at += static_cast<std::size_t>(n);
+    }
+    return ok;
+  });
+  ::close(fds[1]);
+  std::string text;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) text.append(buf, static_cast<std::size_t>(n));
+  ::close(fds[0]);
+  return {status, text};
+}
+
+// Whether p[0, n) is gone in this process: not mapped, or zeros.
+bool gone(const void* p, std::size_t n) {
+  for (const mapping& m : read_mappings()) {
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    if (a >= m.begin && a < m.end) {
+      if (m.perms[0] != 'r') return true;
+      std::vector<std::byte> copy(n);
+      raw_copy_to(copy.data(), p, n);
+      return std::all_of(copy.begin(), copy.end(), [](std::byte b) { return b == std::byte{0}; });
+    }
+  }
+  return true;
+}
+
+template <class F>
+bool throws_fork_error(F&& f) {
+  try {
+    f();
+  } catch (const fork_error&) {
+    return true;
+  } catch (...) {
+  }
+  return false;
+}
 
 }  // namespace
 
@@ -226,6 +277,131 @@ TEST_CASE("a plaintext window is wiped before it goes back to its resource") {
     CHECK(plaintext.outstanding() == 0);
     CHECK_FALSE(plaintext.contains(k.marker()));
     if (c != cipher_kind::none) check_clean(scan_for_plaintext(k));
+  }
+}
+
+
+TEST_CASE("a child after fork() holds no plaintext, key or key schedule, not even in secret memory") {
+  MEMSHUFFLE_TEST_SEED(seed);
+  for (cipher_kind c : ciphers) {
+    INFO(name(c));
+    custody_secrets k(seed);
+    auto f = fill(k, c, seed);
+    auto l = f.s->rent<std::byte>(f.handles[3]);  // a window open across the fork
+    const auto [status, text] = in_child([&](std::string& out) {
+      memory_scan scan;
+      k.add_to(scan);
+      scan.include_secret();
+      const auto r = scan.run();
+      out = r.summary() + "\n" + r.where();
+      bool clean = gone(l.get(), l.size());
+      if (!clean) out += "the open window is still there\n";
+      for (const scan_item& i : r.items) clean = clean && i.count == 0;
+      return clean;
+    });
+    MESSAGE("in the child: ", text);
+    CHECK_MESSAGE(exited_with(status, 0), describe(status));
+    CHECK(k.entry_holds(*f.s, f.handles[4], 4));  // the parent goes on
+  }
+}
+
+TEST_CASE("in a child after fork() every call of the shuffler throws fork_error, and the parent goes on") {
+  MEMSHUFFLE_TEST_SEED(seed);
+  for (cipher_kind c : ciphers) {
+    INFO(name(c));
+    custody_secrets k(seed);
+    auto s = k.make(c, std::pmr::get_default_resource());
+    const handle h = s->alloc<std::byte>(64);
+    k.write_entry(*s, h, 1);
+    std::optional<lease<std::byte>> open(s->rent<std::byte>(s->alloc<std::byte>(32)));
+    const auto [status, text] = in_child([&](std::string& out) {
+      std::array<std::byte, 16> buf{};
+      const std::pair<const char*, std::function<void()>> calls[] = {
+          {"alloc", [&] { s->alloc<std::byte>(16); }},
+          {"create", [&] { s->create<int>(); }},
+          {"rent", [&] { s->rent<std::byte>(h); }},
+          {"rent_pointer", [&] { s->rent_pointer<std::byte*>(h); }},
+          {"read", [&] { s->read(h, buf); }},
+          {"write", [&] { s->write(h, buf); }},
+          {"free", [&] { s->free(h); }},
+          {"size_of", [&] { s->size_of(h); }},
+          {"shuffle", [&] { s->shuffle(); }},
+          {"shuffle(budget)", [&] { s->shuffle(100); }},
+          {"rotate_key", [&] { s->rotate_key(); }},
+          {"rotate_key(key, salt)", [&] { s->rotate_key(k.key(1), k.salt(1)); }},
+      };
+      bool all = true;
+      for (const auto& [what, call] : calls)
+        if (!throws_fork_error(call)) {
+          out += std::string(what) + " did not throw fork_error\n";
+          all = false;
+        }
+      open.reset();  // a lease ending in the child, then the shuffler itself
+      s.reset();
+      return all;
+    });
+    INFO(text);
+    CHECK_MESSAGE(exited_with(status, 0), describe(status));
+    open.reset();
+    CHECK(k.entry_holds(*s, h, 1));
+    k.write_entry(*s, h, 2);
+    CHECK(k.entry_holds(*s, h, 2));
+  }
+}
+
+TEST_CASE("a child after fork() never encrypts under the keystream the parent goes on to use") {
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 rng(seed);
+  constexpr int writes = 50;
+  constexpr std::size_t n = 64;
+  for (cipher_kind c : ciphers) {
+    INFO(name(c));
+    custody_secrets k(seed);
+    recording_resource upstream;
+    auto s = k.make(c, &upstream);
+    const handle h = s->alloc<std::byte>(n);
+    std::vector<std::array<std::byte, n>> data(writes);
+    for (auto& d : data) std::generate(d.begin(), d.end(), [&] { return std::byte(rng()); });
+    // Where the entry's ciphertext lies: what each write changes in the arena.
+    const located at = locate(upstream, [&](int t) { s->write(h, data[static_cast<std::size_t>(t)]); });
+    REQUIRE(at.p != nullptr);
+    auto ciphertext = [&] {
+      std::array<std::byte, n> out{};
+      raw_copy_to(out.data(), at.p, n);
+      return out;
+    };
+    // The child writes d, the parent then writes d ^ 0xFF: under one keystream the two
+    // ciphertexts differ by 0xFF in every byte, which anyone who sees both can tell.
+    const auto [status, text] = in_child([&](std::string& out) {
+      for (const auto& d : data) {
+        try {
+          s->write(h, d);
+        } catch (const fork_error&) {
+          continue;
+        }
+        const auto ct = ciphertext();
+        out.append(reinterpret_cast<const char*>(ct.data()), n);
+      }
+      return true;
+    });
+    CHECK(exited_with(status, 0));
+    const std::size_t child_writes = text.size() / n;
+    std::size_t reused = 0;
+    for (std::size_t i = 0; i < writes; ++i) {
+      auto flipped = data[i];
+      for (auto& b : flipped) b ^= std::byte{0xFF};
+      s->write(h, flipped);
+      if (i >= child_writes) continue;
+      const auto mine = ciphertext();
+      bool same_keystream = true;
+      for (std::size_t j = 0; j < n; ++j)
+        same_keystream = same_keystream && (std::byte(text[i * n + j]) ^ mine[j]) == std::byte{0xFF};
+      reused += same_keystream;
+    }
+    MESSAGE(child_writes, " of ", writes, " writes went through in the child; ", reused,
+            " reused the parent's keystream");
+    CHECK(child_writes == 0);
+    CHECK(reused == 0);
   }
 }
 

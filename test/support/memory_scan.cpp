@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <new>
 #include <sstream>
 #include <stdexcept>
@@ -128,6 +129,44 @@ bool read_memory(int fd, std::uintptr_t a, std::byte* out, std::size_t n) {
   return true;
 }
 
+// Reads the own memory with plain loads: secret memory (memfd_secret) cannot be read
+// through /proc/self/mem. Not instrumented: it may be poisoned for the sanitizer.
+#if defined(__GNUC__)
+__attribute__((no_sanitize_address))
+#endif
+bool read_direct(std::uintptr_t a, std::byte* out, std::size_t n) {
+  auto* src = reinterpret_cast<const volatile std::byte*>(a);
+  for (std::size_t i = 0; i < n; ++i) out[i] = src[i];
+  return true;
+}
+
+using range = std::pair<std::uintptr_t, std::uintptr_t>;
+
+// Every live hidden_bytes mapping: never read, even when secret memory is.
+std::mutex hidden_lock;
+std::vector<range>& hidden_ranges() {
+  static std::vector<range> r;
+  return r;
+}
+
+std::vector<range> without_hidden(const mapping& m) {
+  std::vector<range> out{{m.begin, m.end}};
+  std::lock_guard lock(hidden_lock);
+  for (const range& h : hidden_ranges()) {
+    std::vector<range> next;
+    for (const range& r : out) {
+      if (h.second <= r.first || h.first >= r.second) {
+        next.push_back(r);
+        continue;
+      }
+      if (r.first < h.first) next.emplace_back(r.first, h.first);
+      if (h.second < r.second) next.emplace_back(h.second, r.second);
+    }
+    out = std::move(next);
+  }
+  return out;
+}
+
 // The runs of pages of [m.begin, m.end) that are present or swapped out.
 std::vector<std::pair<std::uintptr_t, std::uintptr_t>> populated_runs(const mapping& m) {
   std::vector<std::pair<std::uintptr_t, std::uintptr_t>> runs;
@@ -206,9 +245,17 @@ hidden_bytes::hidden_bytes(std::size_t n) : n_(n), mapped_((std::max<std::size_t
     throw std::runtime_error("memory_scan: madvise(MADV_DONTDUMP) failed");
   }
   p_ = static_cast<std::byte*>(p);
+  std::lock_guard lock(hidden_lock);
+  hidden_ranges().emplace_back(reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p) + mapped_);
 }
 
 hidden_bytes::~hidden_bytes() {
+  {
+    std::lock_guard lock(hidden_lock);
+    auto& r = hidden_ranges();
+    r.erase(std::find(r.begin(), r.end(), range(reinterpret_cast<std::uintptr_t>(p_),
+                                                 reinterpret_cast<std::uintptr_t>(p_) + mapped_)));
+  }
   secure_wipe(p_, mapped_);
   ::munmap(p_, mapped_);
 }
@@ -325,6 +372,7 @@ void memory_scan::scan_buffer(std::span<const std::byte> data, std::uintptr_t ba
   report.bytes_read += data.size();
 }
 
+// fd < 0: read with plain loads, around the hidden mappings.
 void memory_scan::read_mapping(int fd, const mapping& m, scan_report& report) const {
   const std::string where = m.describe();
   const std::size_t keep = overlap();
@@ -337,20 +385,23 @@ void memory_scan::read_mapping(int fd, const mapping& m, scan_report& report) co
     std::memmove(buffer_.data(), buffer_.data() + carry + n - next, next);
     carry = next;
   };
-  const auto runs = m.size() >= sparse_from && (m.rss + m.swap) * 4 < m.size()
-                        ? populated_runs(m)
-                        : std::vector<std::pair<std::uintptr_t, std::uintptr_t>>{{m.begin, m.end}};
+  const auto runs = fd < 0 ? without_hidden(m)
+                   : m.size() >= sparse_from && (m.rss + m.swap) * 4 < m.size() ? populated_runs(m)
+                                                                                : std::vector<range>{{m.begin, m.end}};
+  auto read = [fd](std::uintptr_t a, std::byte* out, std::size_t n) {
+    return fd < 0 ? read_direct(a, out, n) : read_memory(fd, a, out, n);
+  };
   for (auto [from, to] : runs) {
     carry = 0;
     for (std::uintptr_t a = from; a < to; a += chunk) {
       const std::size_t n = std::min<std::size_t>(chunk, to - a);
-      if (read_memory(fd, a, buffer_.data() + carry, n)) {
+      if (read(a, buffer_.data() + carry, n)) {
         consume(a, n);
         continue;
       }
       // Page by page, so one page that cannot be read hides nothing else.
       for (std::uintptr_t p = a; p < a + n; p += page) {
-        if (read_memory(fd, p, buffer_.data() + carry, page)) {
+        if (read(p, buffer_.data() + carry, page)) {
           consume(p, page);
         } else {
           unreadable += page;
@@ -369,7 +420,13 @@ scan_report memory_scan::run() const {
   const int fd = ::open("/proc/self/mem", O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw std::runtime_error("memory_scan: cannot open /proc/self/mem");
   for (const mapping& m : read_mappings()) {
-    if (m.secret()) {
+    const bool left_out = m.secret() || m.dont_dump();
+    // The kernel's own mappings ([vvar]: io, pf) may fault when read with plain loads;
+    // the sanitizers' huge shadow mappings stay out too.
+    const bool plain = !m.has_flag("io") && !m.has_flag("pf") && m.perms[0] == 'r' && m.size() < sparse_from;
+    if (left_out && secret_too_ && plain) {
+      read_mapping(-1, m, report);
+    } else if (m.secret()) {
       report.secret.push_back(m);
     } else if (m.dont_dump()) {
       ++report.skipped_dont_dump;

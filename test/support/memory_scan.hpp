@@ -110,6 +110,10 @@ class memory_scan {
   void add(std::string name, std::span<const std::byte> bytes);
   // Searches for valid AES-256 key schedules at every 4-byte-aligned address too.
   void find_schedules(bool on = true) { schedules_ = on; }
+  // Reads secret memory and other mappings left out of dumps too (up to 64 MiB each,
+  // with plain loads; never hidden_bytes): for a fork child, which must hold no key
+  // material even there.
+  void include_secret(bool on = true) { secret_too_ = on; }
 
   // The whole own process.
   scan_report run() const;
@@ -130,7 +134,7 @@ class memory_scan {
   std::size_t overlap() const;
 
   std::vector<needle> needles_;
-  bool schedules_ = false;
+  bool schedules_ = false, secret_too_ = false;
   hidden_bytes buffer_;
 };
 
