@@ -163,13 +163,15 @@ TEST_CASE("a run_pages above 1024 is refused") {
 
 TEST_CASE("every page each backend hands out is locked and left out of core dumps") {
   for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
+    const std::string backend_name = to_string(backend);
+    CAPTURE(backend_name);
     secret_pool_resource pool({.backend = backend, .run_pages = 4});
     void* small = pool.allocate(48);
     void* large = pool.allocate(3 * page);
     for (void* p : {small, large, static_cast<void*>(static_cast<char*>(large) + 2 * page)}) {
       INFO(vm_flags(p));
-      CHECK(has_flag(p, "lo"));
+      // The sanitizers make mlock a no-op that reports success.
+      if (mlock_is_real || backend == secret_backend::secret_memory) CHECK(has_flag(p, "lo"));
       CHECK(has_flag(p, "dd"));
       // Not in a fork child: no mapping (secret memory) or zeros (locked pages).
       CHECK(has_flag(p, backend == secret_backend::secret_memory ? "dc" : "wf"));
@@ -197,7 +199,8 @@ TEST_CASE("a secret memory page cannot be read through /proc/self/mem while the 
 
 TEST_CASE("a fork child finds no mapping or zeros, frees the parent's blocks harmlessly and allocates anew") {
   for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
+    const std::string backend_name = to_string(backend);
+    CAPTURE(backend_name);
     secret_pool_resource pool({.backend = backend});
     auto* small = static_cast<unsigned char*>(pool.allocate(32));
     auto* large = static_cast<unsigned char*>(pool.allocate(2 * page));
@@ -228,7 +231,8 @@ TEST_CASE("a fork child finds no mapping or zeros, frees the parent's blocks har
 
 TEST_CASE("writing one byte past a run of pooled blocks dies of SIGSEGV") {
   for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
+    const std::string backend_name = to_string(backend);
+    CAPTURE(backend_name);
     const int overrun = write_around_run(backend, 64);
     INFO("child " << describe(overrun));
     CHECK(killed_by(overrun, SIGSEGV));
@@ -240,7 +244,8 @@ TEST_CASE("writing one byte past a run of pooled blocks dies of SIGSEGV") {
 
 TEST_CASE("writing one byte before a run of pooled blocks dies of SIGSEGV") {
   for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
+    const std::string backend_name = to_string(backend);
+    CAPTURE(backend_name);
     const int underrun = write_around_run(backend, -1);
     INFO("child " << describe(underrun));
     CHECK(killed_by(underrun, SIGSEGV));
@@ -326,7 +331,8 @@ TEST_CASE("a bad deallocation aborts with a message in debug_checks builds" *
 TEST_CASE("under fail a refused lock throws a bad_alloc and changes nothing" *
           doctest::skip(!mlock_is_real)) {
   for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
+    const std::string backend_name = to_string(backend);
+    CAPTURE(backend_name);
     const int status = run_in_child([backend] {
       if (!limit_memlock(0)) return false;
       secret_pool_resource pool({.backend = backend});
@@ -349,7 +355,8 @@ TEST_CASE("under fail a refused lock throws a bad_alloc and changes nothing" *
 TEST_CASE("under degrade a refused lock gives unlocked pages, counted and reported" *
           doctest::skip(!mlock_is_real)) {
   for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
+    const std::string backend_name = to_string(backend);
+    CAPTURE(backend_name);
     const int status = run_in_child([backend] {
       if (!limit_memlock(0)) return false;
       secret_pool_resource pool({.backend = backend, .lock_refused = on_lock_refused::degrade});
@@ -406,7 +413,8 @@ bool allocate_with_refusal(secret_backend backend, on_lock_refused policy, long 
 TEST_CASE("a refused mmap or mlock at every point leaves the pool consistent") {
   for (auto backend : backends()) {
     for (auto policy : {on_lock_refused::fail, on_lock_refused::degrade}) {
-      CAPTURE(to_string(backend));
+      const std::string backend_name = to_string(backend);
+    CAPTURE(backend_name);
       CAPTURE(static_cast<int>(policy));
       long point = 0;
       while (point < 40 && allocate_with_refusal(backend, policy, point)) ++point;
