@@ -521,3 +521,34 @@ TEST_CASE("a shuffler of a million entries keeps 500 open windows locked under a
 }
 
 }  // TEST_SUITE("resources")
+
+TEST_SUITE("resources") {
+
+TEST_CASE("a rent whose window is refused a lock leaves the entry sealed and the shuffler usable") {
+  secret_pool_resource pool({.backend = secret_backend::locked_pages, .run_pages = 1});
+  shuffler s(shuffler_options{.plaintext_resource = &pool});
+  const handle h = s.alloc<std::byte>(64);
+  {
+    auto l = s.rent<std::byte>(h);
+    for (std::size_t i = 0; i < 64; ++i) l.get()[i] = static_cast<std::byte>(i);
+  }
+  // Fill the 64-byte run, so the next window needs a new one.
+  std::vector<void*> filler;
+  for (std::size_t i = 0; i < page / 64; ++i) filler.push_back(pool.allocate(64));
+  REQUIRE(pool.stats().runs == 1);
+  // The fifth kernel call of a new run of locked pages is its mlock.
+  detail::inject_page_fault(4);
+  CHECK_THROWS_AS((void)s.rent<std::byte>(h), secret_memory_refused);
+  detail::inject_page_fault(-1);
+  CHECK(s.stats().pinned_entries == 0);
+  CHECK(pool.stats().runs == 1);
+  {
+    auto l = s.rent<std::byte>(h);
+    bool same = true;
+    for (std::size_t i = 0; i < 64; ++i) same = same && l.get()[i] == static_cast<std::byte>(i);
+    CHECK(same);
+  }
+  for (void* p : filler) pool.deallocate(p, 64);
+}
+
+}  // TEST_SUITE("resources")
