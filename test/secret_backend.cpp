@@ -128,50 +128,49 @@ TEST_CASE("a fork child finds no mapping or zeros, frees the parent's blocks har
   }
 }
 
-TEST_CASE("under fail a refused lock throws a bad_alloc and changes nothing" *
-          doctest::skip(!mlock_is_real)) {
+// Runs check(backend) for each backend in a child without CAP_IPC_LOCK whose
+// RLIMIT_MEMLOCK is 0, so every lock and every secret mapping is refused.
+template <class F>
+void for_each_backend_without_lock_budget(F check) {
   for (auto backend : backends()) {
     const std::string backend_name = to_string(backend);
     CAPTURE(backend_name);
-    const int status = run_in_child([backend] {
-      if (!limit_memlock(0)) return false;
-      secret_pool_resource pool({.backend = backend});
-      bool threw = false;
-      try {
-        (void)pool.allocate(64);
-      } catch (const secret_memory_refused& e) {
-        threw = std::string(e.what()).find("memshuffle") != std::string::npos;
-      }
-      const auto s = pool.stats();
-      const auto r = pool.report();
-      return threw && s.runs == 0 && s.bytes_mapped == 0 && s.total_allocations == 0 &&
-             !r.degraded && r.lock_refusals == 0;
-    });
+    const int status = run_in_child([&] { return limit_memlock(0) && check(backend); });
     INFO("child " << describe(status));
     CHECK(exited_with(status, 0));
   }
 }
 
+TEST_CASE("under fail a refused lock throws a bad_alloc and changes nothing" *
+          doctest::skip(!mlock_is_real)) {
+  for_each_backend_without_lock_budget([](secret_backend backend) {
+    secret_pool_resource pool({.backend = backend});
+    bool threw = false;
+    try {
+      (void)pool.allocate(64);
+    } catch (const secret_memory_refused& e) {
+      threw = std::string(e.what()).find("memshuffle") != std::string::npos;
+    }
+    const auto s = pool.stats();
+    const auto r = pool.report();
+    return threw && s.runs == 0 && s.bytes_mapped == 0 && s.total_allocations == 0 &&
+           !r.degraded && r.lock_refusals == 0;
+  });
+}
+
 TEST_CASE("under degrade a refused lock gives unlocked pages, counted and reported" *
           doctest::skip(!mlock_is_real)) {
-  for (auto backend : backends()) {
-    const std::string backend_name = to_string(backend);
-    CAPTURE(backend_name);
-    const int status = run_in_child([backend] {
-      if (!limit_memlock(0)) return false;
-      secret_pool_resource pool({.backend = backend, .lock_refused = on_lock_refused::degrade});
-      auto* p = static_cast<char*>(pool.allocate(64));
-      std::memset(p, 9, 64);
-      const auto r = pool.report();
-      const bool reported = r.degraded && !r.locked && r.lock_refusals == 1 &&
-                            pool.stats().bytes_locked == 0 && has_flag(p, "dd") &&
-                            has_flag(p, "wf") && !has_flag(p, "lo");
-      pool.deallocate(p, 64);
-      return reported && p[0] == 0 && pool.report().lock_refusals == 1;
-    });
-    INFO("child " << describe(status));
-    CHECK(exited_with(status, 0));
-  }
+  for_each_backend_without_lock_budget([](secret_backend backend) {
+    secret_pool_resource pool({.backend = backend, .lock_refused = on_lock_refused::degrade});
+    auto* p = static_cast<char*>(pool.allocate(64));
+    std::memset(p, 9, 64);
+    const auto r = pool.report();
+    const bool reported = r.degraded && !r.locked && r.lock_refusals == 1 &&
+                          pool.stats().bytes_locked == 0 && has_flag(p, "dd") &&
+                          has_flag(p, "wf") && !has_flag(p, "lo");
+    pool.deallocate(p, 64);
+    return reported && p[0] == 0 && pool.report().lock_refusals == 1;
+  });
 }
 
 // Allocates a pooled block (a new run) and a large block with the n-th kernel call
