@@ -57,7 +57,8 @@ bool is_refusal(int err) noexcept { return err == EAGAIN || err == ENOMEM || err
   throw secret_memory_refused(std::string("memshuffle: ") + what + ": " + std::strerror(err));
 }
 
-// Maps secret memory over span.data. Returns 0, or the errno of the failing call.
+// Maps secret memory over span.data. Returns 0, or -errno when the mapping itself was
+// refused for want of lock budget, or errno of another failure.
 int map_secret(page_span& span) noexcept {
   const int fd = injected(EMFILE) ? -1 : static_cast<int>(::syscall(SYS_memfd_secret, 0u));
   if (fd < 0) return errno;
@@ -66,7 +67,7 @@ int map_secret(page_span& span) noexcept {
   if (err == 0 && (injected(EAGAIN) ||
                    ::mmap(span.data, span.usable, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
                           fd, 0) == MAP_FAILED))
-    err = errno;
+    err = is_refusal(errno) ? -errno : errno;
   ::close(fd);   // the mapping keeps the file
   // A child must not inherit a shared mapping of the secret.
   if (err == 0 && (injected(ENOMEM) || ::madvise(span.data, span.usable, MADV_DONTFORK) != 0))
@@ -120,18 +121,10 @@ page_span map_secret_pages(std::size_t usable, secret_backend backend, on_lock_r
   span.data = span.reservation + guard;
   span.usable = usable;
   span.epoch = fork_epoch();
-  int err = 0;
-  bool refused = false;
-  if (backend == secret_backend::secret_memory) {
-    err = map_secret(span);
-    refused = is_refusal(err);
-    if (err == 0) return span;
-  } else {
-    err = map_locked(span, true);
-    refused = err < 0;
-    if (err == 0) return span;
-    if (refused) err = -err;
-  }
+  int err = backend == secret_backend::secret_memory ? map_secret(span) : map_locked(span, true);
+  if (err == 0) return span;
+  bool refused = err < 0;
+  if (refused) err = -err;
   // Degrade only what a refused lock can explain; never map unlocked under fail.
   if (refused && policy == on_lock_refused::degrade) {
     span.locked = false;

@@ -117,9 +117,17 @@ void secret_pool_resource::state::unmap(const page_span& s) {
 // First call in a child of fork(): the parent's pages are gone or zero here. Keep their
 // addresses reserved, so stale frees are recognised, and start over with fresh runs.
 void secret_pool_resource::state::leave_parent() {
-  const auto abandon = [this](const page_span& s) {
+  // Called from deallocate and the destructor, which must not throw: without room to
+  // record the ranges, stale frees are merely counted as bad ones (still harmless).
+  bool record = true;
+  try {
+    forked.reserve(forked.size() + runs.size() + large.size());
+  } catch (const std::bad_alloc&) {
+    record = false;
+  }
+  const auto abandon = [this, record](const page_span& s) {
     detail::abandon_secret_pages(s);
-    forked.emplace_back(address(s.data), address(s.data) + s.usable);
+    if (record) forked.emplace_back(address(s.data), address(s.data) + s.usable);
   };
   for (auto& [a, r] : runs) abandon(r->span);
   for (auto& [a, b] : large) abandon(b.span);

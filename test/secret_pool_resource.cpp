@@ -1,19 +1,17 @@
-// secret_pool_resource: packing into runs of pages, what each backend hands out (smaps
-// flags, /proc/self/mem, a fork child), guard pages around each run, wiping, misuse,
-// the lock budget, and refused mmap/mlock at every point.
+// secret_pool_resource: packing into runs of pages, guard pages around each run,
+// wiping, misuse, run sizes under RLIMIT_MEMLOCK, threads, and the bar: a million
+// shuffler entries with 500 open windows under a 64 KiB lock budget.
 #include <doctest/doctest.h>
 
 #include <memshuffle/secret_pool_resource.hpp>
 #include <memshuffle/shuffler.hpp>
 #include <test/support/child_process.hpp>
+#include <test/support/secret_backends.hpp>
 #include <test/support/seed.hpp>
 #include <test/support/smaps.hpp>
 
 #include "lib/secret_memory.hpp"
 #include "lib/secret_pages.hpp"
-
-#include <fcntl.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -36,29 +34,6 @@ constexpr bool debug_checks_enabled = true;
 #else
 constexpr bool debug_checks_enabled = false;
 #endif
-const bool have_secret_memory = detail::secret_memory_supported();
-
-// The backends this machine can test, each asked for explicitly.
-std::vector<secret_backend> backends() {
-  if (have_secret_memory) return {secret_backend::locked_pages, secret_backend::secret_memory};
-  return {secret_backend::locked_pages};
-}
-
-bool all_zero(const void* p, std::size_t n) {
-  const auto* b = static_cast<const unsigned char*>(p);
-  return std::all_of(b, b + n, [](unsigned char c) { return c == 0; });
-}
-
-// Reads n bytes at p through /proc/self/mem, as a debugger or another process would.
-bool readable_through_proc_mem(const void* p, std::size_t n) {
-  const int fd = ::open("/proc/self/mem", O_RDONLY);
-  if (fd < 0) return false;
-  std::vector<char> out(n);
-  const auto got = ::pread(fd, out.data(), n, static_cast<off_t>(address_of(p)));
-  ::close(fd);
-  return got == static_cast<ssize_t>(n);
-}
-
 // Fills a fresh pool's first run of 64-byte blocks and writes one byte at `offset` from
 // the start of its first (offset < 0) or last block, in a child; returns how the child
 // ended.
@@ -136,99 +111,14 @@ TEST_CASE("an alignment above the page size or not a power of two is refused and
   pool.deallocate(keep, 32);
 }
 
-TEST_CASE("the automatic backend reports secret memory where the kernel has it, else a fallback") {
-  secret_pool_resource pool;
-  const auto r = pool.report();
-  CHECK(r.backend == (have_secret_memory ? secret_backend::secret_memory : secret_backend::locked_pages));
-  CHECK(r.degraded == !have_secret_memory);
-  CHECK(r.fallbacks == (have_secret_memory ? 0u : 1u));
-  CHECK(r.in_fork_child == (have_secret_memory ? fork_behaviour::absent : fork_behaviour::zeroed));
-  CHECK(r.locked);
-  CHECK(r.excluded_from_dumps);
-  CHECK(r.guard_pages);
-  CHECK(std::string(to_string(r.backend)) == (have_secret_memory ? "secret_memory" : "locked_pages"));
-}
-
-TEST_CASE("asking for locked pages gives locked pages, not degraded") {
-  secret_pool_resource pool({.backend = secret_backend::locked_pages});
-  const auto r = pool.report();
-  CHECK(r.backend == secret_backend::locked_pages);
-  CHECK(r.in_fork_child == fork_behaviour::zeroed);
-  CHECK_FALSE(r.degraded);
-}
-
 TEST_CASE("a run_pages above 1024 is refused") {
   CHECK_THROWS_AS(secret_pool_resource({.run_pages = 1025}), std::invalid_argument);
 }
 
-TEST_CASE("every page each backend hands out is locked and left out of core dumps") {
-  for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
-    secret_pool_resource pool({.backend = backend, .run_pages = 4});
-    void* small = pool.allocate(48);
-    void* large = pool.allocate(3 * page);
-    for (void* p : {small, large, static_cast<void*>(static_cast<char*>(large) + 2 * page)}) {
-      INFO(vm_flags(p));
-      CHECK(has_flag(p, "lo"));
-      CHECK(has_flag(p, "dd"));
-      // Not in a fork child: no mapping (secret memory) or zeros (locked pages).
-      CHECK(has_flag(p, backend == secret_backend::secret_memory ? "dc" : "wf"));
-    }
-    CHECK(pool.stats().bytes_locked == pool.options().run_pages * page + 3 * page);
-    pool.deallocate(small, 48);
-    pool.deallocate(large, 3 * page);
-  }
-}
-
-TEST_CASE("a secret memory page cannot be read through /proc/self/mem while the process reads it" *
-          doctest::skip(!have_secret_memory)) {
-  secret_pool_resource secret({.backend = secret_backend::secret_memory});
-  secret_pool_resource locked({.backend = secret_backend::locked_pages});
-  auto* s = static_cast<char*>(secret.allocate(64));
-  auto* l = static_cast<char*>(locked.allocate(64));
-  std::memset(s, 'k', 64);
-  std::memset(l, 'k', 64);
-  CHECK(s[63] == 'k');
-  CHECK_FALSE(readable_through_proc_mem(s, 64));
-  CHECK(readable_through_proc_mem(l, 64));   // the control: ordinary memory reads fine
-  secret.deallocate(s, 64);
-  locked.deallocate(l, 64);
-}
-
-TEST_CASE("a fork child finds no mapping or zeros, frees the parent's blocks harmlessly and allocates anew") {
-  for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
-    secret_pool_resource pool({.backend = backend});
-    auto* small = static_cast<unsigned char*>(pool.allocate(32));
-    auto* large = static_cast<unsigned char*>(pool.allocate(2 * page));
-    std::memset(small, 0x77, 32);
-    std::memset(large, 0x77, 2 * page);
-    const int status = run_in_child([&] {
-      const bool gone = backend == secret_backend::secret_memory
-                            ? !mapped(small) && !mapped(large)
-                            : all_zero(small, 32) && all_zero(large, 2 * page);
-      pool.deallocate(small, 32);
-      pool.deallocate(large, 2 * page);
-      auto* fresh = static_cast<unsigned char*>(pool.allocate(32));
-      std::memset(fresh, 1, 32);
-      const auto s = pool.stats();
-      const bool fresh_ok = fresh[31] == 1 && s.blocks == 1 && s.forked_blocks == 2 &&
-                            s.bad_deallocations == 0 && address_of(fresh) != address_of(small);
-      pool.deallocate(fresh, 32);
-      return gone && fresh_ok;
-    });
-    INFO("child " << describe(status));
-    CHECK(exited_with(status, 0));
-    CHECK(small[31] == 0x77);   // the parent's blocks are untouched
-    CHECK(large[2 * page - 1] == 0x77);
-    pool.deallocate(small, 32);
-    pool.deallocate(large, 2 * page);
-  }
-}
-
 TEST_CASE("writing one byte past a run of pooled blocks dies of SIGSEGV") {
   for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
+    const std::string backend_name = to_string(backend);
+    CAPTURE(backend_name);
     const int overrun = write_around_run(backend, 64);
     INFO("child " << describe(overrun));
     CHECK(killed_by(overrun, SIGSEGV));
@@ -240,7 +130,8 @@ TEST_CASE("writing one byte past a run of pooled blocks dies of SIGSEGV") {
 
 TEST_CASE("writing one byte before a run of pooled blocks dies of SIGSEGV") {
   for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
+    const std::string backend_name = to_string(backend);
+    CAPTURE(backend_name);
     const int underrun = write_around_run(backend, -1);
     INFO("child " << describe(underrun));
     CHECK(killed_by(underrun, SIGSEGV));
@@ -321,99 +212,6 @@ TEST_CASE("a bad deallocation aborts with a message in debug_checks builds" *
     return true;
   });
   CHECK(killed_by(status, SIGABRT));
-}
-
-TEST_CASE("under fail a refused lock throws a bad_alloc and changes nothing" *
-          doctest::skip(!mlock_is_real)) {
-  for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
-    const int status = run_in_child([backend] {
-      if (!limit_memlock(0)) return false;
-      secret_pool_resource pool({.backend = backend});
-      bool threw = false;
-      try {
-        (void)pool.allocate(64);
-      } catch (const secret_memory_refused& e) {
-        threw = std::string(e.what()).find("memshuffle") != std::string::npos;
-      }
-      const auto s = pool.stats();
-      const auto r = pool.report();
-      return threw && s.runs == 0 && s.bytes_mapped == 0 && s.total_allocations == 0 &&
-             !r.degraded && r.lock_refusals == 0;
-    });
-    INFO("child " << describe(status));
-    CHECK(exited_with(status, 0));
-  }
-}
-
-TEST_CASE("under degrade a refused lock gives unlocked pages, counted and reported" *
-          doctest::skip(!mlock_is_real)) {
-  for (auto backend : backends()) {
-    CAPTURE(to_string(backend));
-    const int status = run_in_child([backend] {
-      if (!limit_memlock(0)) return false;
-      secret_pool_resource pool({.backend = backend, .lock_refused = on_lock_refused::degrade});
-      auto* p = static_cast<char*>(pool.allocate(64));
-      std::memset(p, 9, 64);
-      const auto r = pool.report();
-      const bool reported = r.degraded && !r.locked && r.lock_refusals == 1 &&
-                            pool.stats().bytes_locked == 0 && has_flag(p, "dd") &&
-                            has_flag(p, "wf") && !has_flag(p, "lo");
-      pool.deallocate(p, 64);
-      return reported && p[0] == 0 && pool.report().lock_refusals == 1;
-    });
-    INFO("child " << describe(status));
-    CHECK(exited_with(status, 0));
-  }
-}
-
-// Allocates a pooled block (a new run) and a large block with the n-th kernel call
-// refused; true when the refusal fired. Checks that a failure left no trace and that
-// the pool works on exactly as before.
-bool allocate_with_refusal(secret_backend backend, on_lock_refused policy, long n) {
-  secret_pool_resource pool({.backend = backend, .lock_refused = policy, .run_pages = 4});
-  auto* keep = static_cast<unsigned char*>(pool.allocate(16));
-  std::memset(keep, 5, 16);
-  detail::inject_page_fault(n);
-  void* small = nullptr;
-  void* large = nullptr;
-  try {
-    small = pool.allocate(256);
-    large = pool.allocate(2 * page);
-  } catch (const std::bad_alloc&) {
-  }
-  const bool fired = detail::page_fault_countdown() < 0;
-  detail::inject_page_fault(-1);
-  const auto s = pool.stats();
-  CHECK(s.blocks == (small != nullptr ? 2u : 1u));
-  CHECK(s.large_allocations == (large != nullptr ? 1u : 0u));
-  CHECK(s.runs == (small != nullptr ? 2u : 1u));
-  CHECK(s.bytes_mapped == s.runs * (pool.options().run_pages + 2) * page +
-                              (large != nullptr ? 4 * page : 0));
-  if (small != nullptr) pool.deallocate(small, 256);
-  if (large != nullptr) pool.deallocate(large, 2 * page);
-  void* again = pool.allocate(256);
-  void* big = pool.allocate(2 * page);
-  pool.deallocate(again, 256);
-  pool.deallocate(big, 2 * page);
-  CHECK(keep[15] == 5);
-  pool.deallocate(keep, 16);
-  CHECK(pool.stats().blocks == 0);
-  CHECK(pool.stats().bad_deallocations == 0);
-  return fired;
-}
-
-TEST_CASE("a refused mmap or mlock at every point leaves the pool consistent") {
-  for (auto backend : backends()) {
-    for (auto policy : {on_lock_refused::fail, on_lock_refused::degrade}) {
-      CAPTURE(to_string(backend));
-      CAPTURE(static_cast<int>(policy));
-      long point = 0;
-      while (point < 40 && allocate_with_refusal(backend, policy, point)) ++point;
-      CHECK(point >= 4);    // the run and the large block each take several calls
-      CHECK(point < 40);    // and the refusal point was passed
-    }
-  }
 }
 
 TEST_CASE("the library's secret memory is the process-wide pool") {
@@ -510,6 +308,37 @@ TEST_CASE("a shuffler of a million entries keeps 500 open windows locked under a
   });
   INFO("child " << describe(status));
   CHECK(exited_with(status, 0));
+}
+
+}  // TEST_SUITE("resources")
+
+TEST_SUITE("resources") {
+
+TEST_CASE("a rent whose window is refused a lock leaves the entry sealed and the shuffler usable") {
+  secret_pool_resource pool({.backend = secret_backend::locked_pages, .run_pages = 1});
+  shuffler s(shuffler_options{.plaintext_resource = &pool});
+  const handle h = s.alloc<std::byte>(64);
+  {
+    auto l = s.rent<std::byte>(h);
+    for (std::size_t i = 0; i < 64; ++i) l.get()[i] = static_cast<std::byte>(i);
+  }
+  // Fill the 64-byte run, so the next window needs a new one.
+  std::vector<void*> filler;
+  for (std::size_t i = 0; i < page / 64; ++i) filler.push_back(pool.allocate(64));
+  REQUIRE(pool.stats().runs == 1);
+  // The fifth kernel call of a new run of locked pages is its mlock.
+  detail::inject_page_fault(4);
+  CHECK_THROWS_AS((void)s.rent<std::byte>(h), secret_memory_refused);
+  detail::inject_page_fault(-1);
+  CHECK(s.stats().pinned_entries == 0);
+  CHECK(pool.stats().runs == 1);
+  {
+    auto l = s.rent<std::byte>(h);
+    bool same = true;
+    for (std::size_t i = 0; i < 64; ++i) same = same && l.get()[i] == static_cast<std::byte>(i);
+    CHECK(same);
+  }
+  for (void* p : filler) pool.deallocate(p, 64);
 }
 
 }  // TEST_SUITE("resources")

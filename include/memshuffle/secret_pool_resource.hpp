@@ -16,24 +16,24 @@
 namespace memshuffle {
 
 struct secret_pool_options {
-  secret_backend backend = secret_backend::automatic;
-  // fail by default: a secret that might be swapped is a failure the caller must see.
+  secret_backend backend = secret_backend::automatic;   ///< asked for; report() says what was got
+  /// fail by default: a secret that might be swapped is a failure the caller must see.
   on_lock_refused lock_refused = on_lock_refused::fail;
-  // Pages per run of one size class (guard pages excluded); 0: chosen when a run is
-  // mapped, 1/16 of RLIMIT_MEMLOCK clamped to 1..16 pages, since secret memory is
-  // charged to that limit like mlock and a 64 KiB limit must hold several classes.
+  /// Pages per run of one size class (guard pages excluded); 0: chosen when a run is
+  /// mapped, 1/16 of RLIMIT_MEMLOCK clamped to 1..16 pages, since secret memory is
+  /// charged to that limit like mlock and a 64 KiB limit must hold several classes.
   std::size_t run_pages = 0;
 };
 
 struct secret_pool_stats {
-  std::size_t blocks = 0;              // pooled blocks live now
-  std::size_t large_allocations = 0;   // blocks on pages of their own, live now
-  std::size_t runs = 0;                // runs mapped now (empty ones kept for reuse included)
-  std::size_t bytes_mapped = 0;        // now, guard pages included
-  std::size_t bytes_locked = 0;        // now (secret memory counts as locked)
-  std::size_t total_allocations = 0;   // ever
-  std::size_t bad_deallocations = 0;   // ignored: double free, foreign pointer, wrong size
-  std::size_t forked_blocks = 0;       // blocks from before a fork freed in the child
+  std::size_t blocks = 0;              ///< pooled blocks live now
+  std::size_t large_allocations = 0;   ///< blocks on pages of their own, live now
+  std::size_t runs = 0;                ///< runs mapped now (empty ones kept for reuse included)
+  std::size_t bytes_mapped = 0;        ///< now, guard pages included
+  std::size_t bytes_locked = 0;        ///< now (secret memory counts as locked)
+  std::size_t total_allocations = 0;   ///< ever
+  std::size_t bad_deallocations = 0;   ///< ignored: double free, foreign pointer, wrong size
+  std::size_t forked_blocks = 0;       ///< blocks from before a fork freed in the child
 };
 
 class secret_pool_resource : public std::pmr::memory_resource {
@@ -80,7 +80,7 @@ class secret_pool_resource : public std::pmr::memory_resource {
  private:
   struct state;
   friend secret_pool_resource& default_secret_pool() noexcept;
-  // pthread_atfork handlers of the process-wide pool: hold its lock across fork().
+  /// pthread_atfork handlers of the process-wide pool: hold its lock across fork().
   static void lock_for_fork() noexcept;
   static void unlock_after_fork() noexcept;
 

@@ -14,11 +14,11 @@ namespace memshuffle {
 
 struct secure_page_options {
   bool lock = true;         // mlock the pages
-  // A refused mlock: degrade (the default, kept for compatibility) counts it in
-  // stats().lock_failures and locked(); fail throws secret_memory_refused instead.
+  /// A refused mlock: degrade (the default, kept for compatibility) counts it in
+  /// stats().lock_failures and locked(); fail throws secret_memory_refused instead.
   on_lock_refused lock_refused = on_lock_refused::degrade;
   bool dont_dump = true;    // MADV_DONTDUMP: leave the pages out of core dumps
-  bool wipe_on_fork = true; // MADV_WIPEONFORK: a child of fork() sees zeros
+  bool wipe_on_fork = true; ///< MADV_WIPEONFORK: a child of fork() sees zeros
   // One PROT_NONE page before and after each allocation. The block is placed so that
   // its end abuts the trailing guard page (as libsodium's sodium_malloc does): one
   // byte past the end faults when the size is a multiple of the alignment (always
@@ -51,10 +51,11 @@ class secure_page_resource : public std::pmr::memory_resource {
   static std::size_t page_size() noexcept;
 
  protected:
-  // Alignment must be a power of two no larger than page_size() (std::invalid_argument
-  // otherwise); mmap failing gives std::bad_alloc; a refused mlock under
-  // on_lock_refused::fail gives secret_memory_refused (a std::bad_alloc). Nothing
-  // changes when it throws.
+  /// \requires alignment a power of two no larger than page_size().
+  /// \returns a block whose end abuts the trailing guard page (see secure_page_options).
+  /// \throws std::invalid_argument for a bad alignment; std::bad_alloc when mmap fails;
+  /// secret_memory_refused (a std::bad_alloc) for a refused mlock under
+  /// on_lock_refused::fail. Nothing changes when it throws.
   void* do_allocate(std::size_t bytes, std::size_t alignment) override;
   // Pointers this resource did not hand out are ignored.
   void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override;
