@@ -4,18 +4,16 @@
 // it through the const AdvancedProcessBlocks (counter mode in hardware), GCM keeps a
 // small pool of GCM objects keyed once and only resynchronises them per call.
 //
-// Custody (docs/security.md, "The cipher's custody"): between calls every expanded key
-// and every GCM hash key table in the heap is masked with a pad from secret memory, the
-// raw key (kept for GCM only, to key new pooled objects) lives in secret memory, what
-// a call leaves in Crypto++'s buffers is wiped, and the vector registers are cleared
-// on the way out of every call.
+// Custody (docs/security.md, "The cipher's custody"): every expanded key and every GCM
+// hash key table lives in secret memory (lib/secret_crypto.hpp), so does the raw key
+// (kept for GCM only, to key new pooled objects), what a call leaves in Crypto++'s heap
+// buffers is wiped, and the vector registers are cleared on the way out of every call.
 #include <memshuffle/cipher.hpp>
 #include <memshuffle/error.hpp>
-#include <memshuffle/os_random.hpp>
 #include <memshuffle/secure_wipe.hpp>
 
 #include "fork_epoch.hpp"
-#include "masked_crypto.hpp"
+#include "secret_crypto.hpp"
 #include "secret_memory.hpp"
 #include "vector_registers.hpp"
 
@@ -25,8 +23,10 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory_resource>
 #include <mutex>
+#include <optional>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -52,45 +52,35 @@ void add_to_counter(byte* counter, std::size_t n) {
   }
 }
 
-// What lives in secret memory: the raw key (GCM only) and the pads.
-struct secrets {
-  std::byte key[cipher::key_size];
-  std::byte schedule_pad[detail::schedule_pad_size];
-  std::byte table_pad[detail::table_pad_size];
-};
-
-// The secrets' allocation. In a fork child the bytes are not touched (with
-// memfd_secret they have no mapping there); the resource's deallocate is safe there.
-class secret_allocation {
+// The GCM cipher's copy of the raw key, in secret memory (to key new pooled objects).
+// In a fork child its bytes are not touched (with memfd_secret they have no mapping
+// there); the resource's deallocate is safe there.
+class secret_key {
  public:
-  secret_allocation(std::pmr::memory_resource* resource, std::size_t size)
-      : resource_(resource), size_(size),
-        p_(static_cast<secrets*>(resource->allocate(size, alignof(secrets)))) {}
-  ~secret_allocation() {
-    if (detail::fork_epoch() == epoch_) secure_wipe(p_, size_);
-    resource_->deallocate(p_, size_, alignof(secrets));
+  secret_key(std::pmr::memory_resource* resource, std::span<const std::byte> key)
+      : resource_(resource), p_(static_cast<byte*>(resource->allocate(cipher::key_size, 16))) {
+    std::memcpy(p_, key.data(), cipher::key_size);
   }
-  secret_allocation(const secret_allocation&) = delete;
-  secret_allocation& operator=(const secret_allocation&) = delete;
-  secrets* operator->() const noexcept { return p_; }
-  const secrets& operator*() const noexcept { return *p_; }
-  std::uint64_t epoch() const noexcept { return epoch_; }
+  ~secret_key() {
+    if (detail::fork_epoch() == epoch_) secure_wipe(p_, cipher::key_size);
+    resource_->deallocate(p_, cipher::key_size, 16);
+  }
+  secret_key(const secret_key&) = delete;
+  secret_key& operator=(const secret_key&) = delete;
+  const byte* data() const noexcept { return p_; }
 
  private:
   std::pmr::memory_resource* resource_;
-  std::size_t size_;
-  secrets* p_;
+  byte* p_;
   std::uint64_t epoch_ = detail::fork_epoch();
 };
 
-std::span<const std::byte> schedule_pad(const secrets& s) noexcept { return s.schedule_pad; }
-std::span<const std::byte> table_pad(const secrets& s) noexcept { return s.table_pad; }
-
-// GCM objects keyed once, each used by one thread at a time, masked while pooled.
+// GCM objects keyed once (their key material in secret memory), each used by one
+// thread at a time.
 template <class Mode>
 class pool {
  public:
-  explicit pool(const secrets& s) : secrets_(s) {}
+  explicit pool(std::pmr::memory_resource* secret) : secret_(secret) {}
   struct lease {
     pool* owner;
     std::unique_ptr<Mode> mode;
@@ -99,7 +89,6 @@ class pool {
     ~lease() {
       if (!mode) return;
       mode->wipe_call_state();
-      mode->toggle_mask(schedule_pad(owner->secrets_), table_pad(owner->secrets_));
       std::lock_guard lock(owner->m_);
       try {
         owner->free_.push_back(std::move(mode));
@@ -108,35 +97,22 @@ class pool {
     }
     Mode* operator->() const { return mode.get(); }
   };
-  lease take() {
-    std::unique_ptr<Mode> m;
+  lease take(const secret_key& key) {
     {
       std::lock_guard lock(m_);
       if (!free_.empty()) {
-        m = std::move(free_.back());
+        auto m = std::move(free_.back());
         free_.pop_back();
+        return {this, std::move(m)};
       }
     }
-    if (m) {
-      m->toggle_mask(schedule_pad(secrets_), table_pad(secrets_));
-      return {this, std::move(m)};
-    }
-    return {this, keyed()};
+    auto m = std::make_unique<Mode>();
+    m->key(key.data(), cipher::key_size, secret_);
+    return {this, std::move(m)};
   }
 
  private:
-  std::unique_ptr<Mode> keyed() const {
-    auto m = std::make_unique<Mode>();
-    // Crypto++ insists on an IV when keying; every call resynchronises anyway.
-    const byte unused_iv[cipher::gcm_nonce_size] = {};
-    m->SetKeyWithIV(reinterpret_cast<const byte*>(secrets_.key), cipher::key_size, unused_iv,
-                    sizeof unused_iv);
-    if (m->schedule_bytes() > detail::schedule_pad_size || m->table_bytes() > detail::table_pad_size)
-      throw std::logic_error("memshuffle::cipher: Crypto++'s GCM state is larger than its pad");
-    return m;
-  }
-
-  const secrets& secrets_;
+  std::pmr::memory_resource* secret_;
   std::mutex m_;
   std::vector<std::unique_ptr<Mode>> free_;
 };
@@ -148,7 +124,7 @@ class pool {
 void bind_crypto_paths() {
   const byte zero_key[cipher::key_size] = {}, nonce[16] = {}, aad[5] = {};
   alignas(16) byte data[100] = {}, tag[cipher::gcm_tag_size] = {};
-  detail::masked_aes aes;
+  detail::secret_aes aes;
   aes.SetKey(zero_key, sizeof zero_key);
   const int flags = CryptoPP::BlockTransformation::BT_InBlockIsCounter |
                     CryptoPP::BlockTransformation::BT_AllowParallel;
@@ -157,8 +133,8 @@ void bind_crypto_paths() {
     aes.AdvancedProcessBlocks(counter, data, data, blocks * block_size, flags);
   }
   aes.ProcessBlock(nonce, data);
-  detail::masked_gcm<true> enc;
-  detail::masked_gcm<false> dec;
+  detail::secret_gcm<true> enc;
+  detail::secret_gcm<false> dec;
   enc.SetKeyWithIV(zero_key, sizeof zero_key, nonce, cipher::gcm_nonce_size);
   dec.SetKeyWithIV(zero_key, sizeof zero_key, nonce, cipher::gcm_nonce_size);
   for (std::size_t nonce_size : {cipher::gcm_nonce_size, sizeof nonce})
@@ -179,63 +155,29 @@ void bind_crypto_paths() {
 
 struct cipher::impl {
   cipher_kind kind;
-  secret_allocation secret;
+  std::uint64_t epoch = detail::fork_epoch();
 
-  // CTR: the expanded key, masked while no call uses it. Without AES-NI, Crypto++'s
-  // table-driven AES uses a mutable scratch block inside the key object, so calls are
-  // serialised then.
-  mutable detail::masked_aes aes;
+  // CTR: the expanded key, in secret memory. Without AES-NI, Crypto++'s table-driven
+  // AES uses a mutable scratch block inside the key object, so calls are serialised
+  // then (and the block wiped after each).
+  mutable detail::secret_aes aes;
   bool aes_shared_safely = CryptoPP::HasAESNI();
   mutable std::mutex aes_mutex;
-  mutable std::mutex mask_mutex;
-  mutable std::size_t schedule_users = 0;
 
-  pool<detail::masked_gcm<true>> gcm_enc{*secret};
-  pool<detail::masked_gcm<false>> gcm_dec{*secret};
+  // GCM: the raw key, and the pooled objects it keys.
+  std::optional<secret_key> gcm_key;
+  mutable pool<detail::secret_gcm<true>> gcm_enc;
+  mutable pool<detail::secret_gcm<false>> gcm_dec;
 
-  impl(cipher_kind k, std::span<const std::byte> key, std::pmr::memory_resource* secret_resource)
-      : kind(k), secret(secret_resource, size_of_secrets(k)) {
-    os_random(secret->schedule_pad);
-    if (kind == cipher_kind::aes_256_gcm) {
-      os_random(secret->table_pad);
-      std::copy(key.begin(), key.end(), secret->key);
-    }
-    if (kind == cipher_kind::aes_256_ctr) {
-      aes.SetKey(bytes(key), key.size());
-      if (aes.schedule().size() > detail::schedule_pad_size)
-        throw std::logic_error("memshuffle::cipher: Crypto++'s AES schedule is larger than its pad");
-      aes.toggle_mask(schedule_pad(*secret));
-    }
+  impl(cipher_kind k, std::span<const std::byte> key, std::pmr::memory_resource* secret)
+      : kind(k), gcm_enc(secret), gcm_dec(secret) {
+    if (kind == cipher_kind::aes_256_ctr) aes.key(bytes(key), key.size(), secret);
+    if (kind == cipher_kind::aes_256_gcm) gcm_key.emplace(secret, key);
   }
-
-  // The raw key is kept for GCM only; the GCM pad only when there are GCM objects.
-  static std::size_t size_of_secrets(cipher_kind k) noexcept {
-    return k == cipher_kind::aes_256_gcm ? sizeof(secrets) : offsetof(secrets, table_pad);
-  }
-
-  // Unmasks the CTR schedule when the first concurrent call starts and masks it again
-  // when the last one ends.
-  class schedule_user {
-   public:
-    explicit schedule_user(const impl& i) : i_(i) {
-      std::lock_guard lock(i_.mask_mutex);
-      if (i_.schedule_users++ == 0) i_.aes.toggle_mask(schedule_pad(*i_.secret));
-    }
-    ~schedule_user() {
-      std::lock_guard lock(i_.mask_mutex);
-      if (--i_.schedule_users == 0) i_.aes.toggle_mask(schedule_pad(*i_.secret));
-    }
-    schedule_user(const schedule_user&) = delete;
-    schedule_user& operator=(const schedule_user&) = delete;
-
-   private:
-    const impl& i_;
-  };
 
   void ctr(std::span<const std::byte> iv, std::span<std::byte> data) const {
     std::unique_lock lock(aes_mutex, std::defer_lock);
     if (!aes_shared_safely) lock.lock();
-    const schedule_user user(*this);
     alignas(16) byte counter[block_size];
     std::copy_n(bytes(iv), block_size, counter);
     byte* p = bytes(data);
@@ -261,6 +203,7 @@ struct cipher::impl {
     }
     secure_wipe(counter, block_size);
     secure_wipe(start, block_size);
+    if (!aes_shared_safely) aes.wipe_scratch();
   }
 };
 
@@ -320,7 +263,7 @@ bool symmetric_part(const Impl* impl, const cipher& c, std::span<const std::byte
                     std::span<std::byte> data, std::size_t tag_size) {
   if (impl == nullptr) throw std::logic_error("memshuffle::cipher: used after being moved from");
   // A child of fork() would reuse the parent's keystream: it gets no use of the key.
-  if (detail::fork_epoch() != impl->secret.epoch())
+  if (detail::fork_epoch() != impl->epoch)
     throw fork_error("memshuffle::cipher: used in a child process made by fork(); a cipher "
                      "works only in the process that constructed it");
   check_arguments(c, iv, aad_size, tag_size);
@@ -334,7 +277,7 @@ void cipher::seal(std::span<const std::byte> iv, std::span<const std::byte> aad,
                   std::span<std::byte> data, std::span<std::byte> tag) const {
   const detail::vector_register_guard clear;
   if (!symmetric_part(impl_.get(), *this, iv, aad.size(), data, tag.size())) return;
-  auto gcm = impl_->gcm_enc.take();
+  auto gcm = impl_->gcm_enc.take(*impl_->gcm_key);
   gcm->EncryptAndAuthenticate(bytes(data), bytes(tag), tag.size(), bytes(iv), iv.size(),
                               bytes(aad), aad.size(), bytes(data), data.size());
 }
@@ -343,7 +286,7 @@ void cipher::open(std::span<const std::byte> iv, std::span<const std::byte> aad,
                   std::span<std::byte> data, std::span<const std::byte> tag) const {
   const detail::vector_register_guard clear;
   if (!symmetric_part(impl_.get(), *this, iv, aad.size(), data, tag.size())) return;
-  auto gcm = impl_->gcm_dec.take();
+  auto gcm = impl_->gcm_dec.take(*impl_->gcm_key);
   // One pass: the tag is computed over the ciphertext while it is decrypted in place.
   // On a mismatch the same keystream is applied again, which restores the ciphertext,
   // so the caller's bytes end exactly as they came.

@@ -25,18 +25,18 @@ class cipher {
   static constexpr std::size_t gcm_nonce_size = 12;  // the recommended GCM nonce size
   static constexpr std::size_t gcm_tag_size = 16;
 
-  /// \effects Makes a cipher of `kind` under `key`. The masking pads (and, for GCM,
-  ///          a copy of the key, which keys new pooled GCM objects) are allocated from
-  ///          `secret_resource`, the library's secret memory when it is null; the
-  ///          caller's key bytes are not kept. Crypto++'s heap copies of the expanded
-  ///          key are masked with those pads whenever no call uses them.
+  /// \effects Makes a cipher of `kind` under `key`. The expanded key (and, for GCM,
+  ///          the hash key tables of each pooled GCM object and a copy of the key,
+  ///          which keys new ones) live in memory from `secret_resource`, the
+  ///          library's secret memory when it is null; the heap holds none of them.
+  ///          The caller's key bytes are not kept.
   /// \throws std::invalid_argument when key.size() != key_size or kind is not one of
   ///         the enumerators; std::bad_alloc (or what secret_resource throws).
   /// \requires secret_resource, when given, outlives the cipher and is thread safe.
   cipher(cipher_kind kind, std::span<const std::byte> key,
          std::pmr::memory_resource* secret_resource = nullptr);
   /// \effects Wipes and frees the key material. In a child process made by fork()
-  ///          it frees the secret allocation without reading or writing its bytes
+  ///          it gives the secret memory back without reading or writing its bytes
   ///          (with memfd_secret they are not mapped there).
   ~cipher();
   /// \effects Takes other's state; other then throws std::logic_error from seal/open.
