@@ -194,12 +194,15 @@ TEST_CASE("while a rotation runs on another thread no plaintext or key lies outs
         const auto r = scan_for(k);
         stopper.resume();
         INFO("stop ", stop);
-        check_clean(r, false);  // a schedule may be in use while the rotation runs
+        // While the call runs, only plaintext and the raw keys are forbidden outside
+        // secret memory; a schedule, a salt or H may be in use.
+        check_clean(r, [](const std::string& item) { return item == "plaintext marker" || item.starts_with("raw key"); });
         most_schedules = std::max(most_schedules, r.count(schedule_item));
       }
       done.store(true);
       rotor.join();
-      MESSAGE("at most ", most_schedules, " key schedules in use at a stop");
+      MESSAGE("at most ", most_schedules, " key schedules in use at a stop; ", stopper_timeouts.load(),
+              " stops ended by the 5 s limit");
       CHECK(k.entry_holds(*f.s, f.handles.back(), filled_entries));
       CHECK(plaintext.mismatches() == 0);
     }
