@@ -45,6 +45,17 @@ scan_report scan_for(const custody_secrets& k) {
   return scan.run();
 }
 
+// Runs body(secrets, filled shuffler) for each cipher, under default options.
+template <class Body>
+void for_each_filled(std::uint64_t seed, Body&& body) {
+  for (cipher_kind c : ciphers) {
+    INFO(name(c));
+    custody_secrets k(seed);
+    auto f = fill(k, c, seed);
+    body(k, f);
+  }
+}
+
 // For the wipe paths: the plaintext alone (the keys are the other tests' business).
 scan_report scan_for_plaintext(const custody_secrets& k) {
   memory_scan scan;
@@ -114,52 +125,40 @@ TEST_SUITE("custody") {
 
 TEST_CASE("a filled shuffler at rest leaves no plaintext, key, salt, hash key or key schedule outside secret memory") {
   MEMSHUFFLE_TEST_SEED(seed);
-  for (cipher_kind c : ciphers) {
-    INFO(name(c));
-    custody_secrets k(seed);
-    auto f = fill(k, c, seed);
+  for_each_filled(seed, [](const custody_secrets& k, filled_shuffler& f) {
     CHECK(k.entry_holds(*f.s, f.handles[4321], 4321));
     check_clean(scan_for(k));
-  }
+  });
 }
 
 TEST_CASE("with one lease open the plaintext lies only in its window, and the window in secret memory") {
   MEMSHUFFLE_TEST_SEED(seed);
-  for (cipher_kind c : ciphers) {
-    INFO(name(c));
-    custody_secrets k(seed);
-    auto f = fill(k, c, seed);
+  for_each_filled(seed, [](const custody_secrets& k, filled_shuffler& f) {
     auto l = f.s->rent<std::byte>(f.handles[17]);
     CHECK(in_secret_memory(l.get()));
     check_clean(scan_for(k));
-  }
+  });
 }
 
 TEST_CASE("after a key rotation, random or to a given key, nothing is left outside secret memory") {
   MEMSHUFFLE_TEST_SEED(seed);
-  for (cipher_kind c : ciphers) {
-    INFO(name(c));
-    custody_secrets k(seed);
-    auto f = fill(k, c, seed);
+  for_each_filled(seed, [](const custody_secrets& k, filled_shuffler& f) {
     f.s->rotate_key();
     check_clean(scan_for(k));
     f.s->rotate_key(k.key(1), k.salt(1));
     check_clean(scan_for(k));
     CHECK(k.entry_holds(*f.s, f.handles[9999], 9999));
-  }
+  });
 }
 
 TEST_CASE("after the shuffler is destroyed nothing it held is left outside secret memory") {
   MEMSHUFFLE_TEST_SEED(seed);
-  for (cipher_kind c : ciphers) {
-    INFO(name(c));
-    custody_secrets k(seed);
-    auto f = fill(k, c, seed);
+  for_each_filled(seed, [](const custody_secrets& k, filled_shuffler& f) {
     auto l = f.s->rent<std::byte>(f.handles[5]);  // a window open until just before the end
     l = {};
     f.s.reset();
     check_clean(scan_for(k));
-  }
+  });
 }
 
 TEST_CASE("while a rotation runs on another thread no plaintext or key lies outside secret memory where it stops") {
@@ -286,10 +285,7 @@ TEST_CASE("a plaintext window is wiped before it goes back to its resource") {
 
 TEST_CASE("a child after fork() holds no plaintext, key or key schedule, not even in secret memory") {
   MEMSHUFFLE_TEST_SEED(seed);
-  for (cipher_kind c : ciphers) {
-    INFO(name(c));
-    custody_secrets k(seed);
-    auto f = fill(k, c, seed);
+  for_each_filled(seed, [](const custody_secrets& k, filled_shuffler& f) {
     auto l = f.s->rent<std::byte>(f.handles[3]);  // a window open across the fork
     const auto [status, text] = in_child([&](std::string& out) {
       memory_scan scan;
@@ -305,7 +301,7 @@ TEST_CASE("a child after fork() holds no plaintext, key or key schedule, not eve
     MESSAGE("in the child: ", text);
     CHECK_MESSAGE(exited_with(status, 0), describe(status));
     CHECK(k.entry_holds(*f.s, f.handles[4], 4));  // the parent goes on
-  }
+  });
 }
 
 TEST_CASE("in a child after fork() every call of the shuffler throws fork_error, and the parent goes on") {

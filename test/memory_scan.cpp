@@ -24,6 +24,16 @@ namespace {
 
 std::vector<std::byte> heap_copy(std::span<const std::byte> s) { return {s.begin(), s.end()}; }
 
+// A needle of n bytes from the seed, kept where the scan cannot see it, and a scan for it.
+struct planted {
+  hidden_bytes needle;
+  memory_scan scan;
+  planted(std::size_t n, std::uint64_t seed, const char* name) : needle(n) {
+    fill_from_seed(needle.span(), seed);
+    scan.add(name, needle.span());
+  }
+};
+
 void require_clean(const scan_report& r) {
   INFO(r.summary());
   CHECK(r.unexpected_unreadable().empty());
@@ -36,10 +46,8 @@ TEST_SUITE("custody") {
 
 TEST_CASE("the scan finds each heap copy of a planted marker, and not the hidden original") {
   MEMSHUFFLE_TEST_SEED(seed);
-  hidden_bytes marker(32);
-  fill_from_seed(marker.span(), seed);
-  memory_scan scan;
-  scan.add("marker", marker.span());
+  planted p(32, seed, "marker");
+  const auto& [marker, scan] = p;
   CHECK(scan.run().count("marker") == 0);
 
   auto one = heap_copy(marker.span());
@@ -58,10 +66,8 @@ TEST_CASE("the scan finds each heap copy of a planted marker, and not the hidden
 
 TEST_CASE("the scan finds a planted raw key across the boundary of the chunks it reads") {
   MEMSHUFFLE_TEST_SEED(seed);
-  hidden_bytes key(32);
-  fill_from_seed(key.span(), seed);
-  memory_scan scan;
-  scan.add("key", key.span());
+  planted p(32, seed, "key");
+  const auto& [key, scan] = p;
   // 3 MiB of heap with the key across each 1 MiB boundary of the block (the scan reads
   // mappings in 1 MiB chunks; a block's offsets are the chunks' up to a page).
   std::vector<std::byte> big(std::size_t{3} << 20);
@@ -135,12 +141,10 @@ TEST_CASE("the scan finds the schedule of a Crypto++ AES-256 object on the heap 
 
 TEST_CASE("the scan skips mappings left out of core dumps, and only those") {
   MEMSHUFFLE_TEST_SEED(seed);
-  hidden_bytes marker(48);
-  fill_from_seed(marker.span(), seed);
+  planted p(48, seed, "marker");
+  const auto& [marker, scan] = p;
   hidden_bytes page(4096);
   std::memcpy(page.data() + 100, marker.data(), marker.size());
-  memory_scan scan;
-  scan.add("marker", marker.span());
   CHECK(scan.run().count("marker") == 0);
   REQUIRE(::madvise(page.data(), 4096, MADV_DODUMP) == 0);
   const auto r = scan.run();
