@@ -116,7 +116,7 @@ inline std::atomic<int> stopper_timeouts{0};
 
 // Stops a thread where it is (a signal whose handler waits on an alternate stack in a
 // MADV_DONTDUMP mapping, so the registers the kernel saves there are not scanned),
-// until resume(). The handler gives up after 5 s, so a scan that waits for a lock the
+// until resume(). The handler gives up after 20 s, so a scan that waits for a lock the
 // stopped thread holds cannot hang.
 class thread_stopper {
  public:
@@ -168,7 +168,7 @@ class thread_stopper {
       timespec nap{0, 100'000};
       ::nanosleep(&nap, nullptr);
       ::clock_gettime(CLOCK_MONOTONIC, &now);
-      if (now.tv_sec - start.tv_sec > 5) {
+      if (now.tv_sec - start.tv_sec > 20) {
         stopper_timeouts.fetch_add(1);
         break;
       }
