@@ -282,3 +282,57 @@ TEST_CASE("a key rotation under failing memory keeps every entry readable") {
 }
 
 }  // TEST_SUITE
+
+TEST_SUITE("shuffler") {
+
+// A failed alloc must not take a handle-table slot (nor use up a generation) before the
+// allocation that throws: the next alloc then gets the slot and handle it would have
+// had. Stats and values alone do not show it, so a twin shuffler that never saw the
+// failure is the reference: the same slot count (metadata_bytes) and the same step from
+// the last handle to the next one (handles of two shufflers differ only in their tag).
+// Self-contained: it uses nothing else of this file.
+TEST_CASE("a failed alloc takes no handle-table slot: the next alloc gets the handle it would have had") {
+  using memshuffle::cipher_kind;
+  using memshuffle::handle;
+  using memshuffle::shuffler;
+  using memshuffle::shuffler_options;
+  namespace failing_new = memshuffle::testing::failing_new;
+  for (cipher_kind c : {cipher_kind::none, cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+    for (bool upstream_fails : {true, false}) {
+      INFO("cipher ", static_cast<int>(c), (upstream_fails ? ", failing: upstream" : ", failing: operator new"));
+      int failures = 0;
+      for (long n = 0; n < 200; ++n) {
+        CAPTURE(n);
+        memshuffle::testing::recording_resource up_a, up_b;
+        shuffler a(shuffler_options{.cipher = c}, &up_a), b(shuffler_options{.cipher = c}, &up_b);
+        handle last_a{}, last_b{};
+        for (int i = 0; i < 64; ++i) {  // the table's first 64 slots, all taken
+          last_a = a.alloc<std::byte>(100);
+          last_b = b.alloc<std::byte>(100);
+        }
+        bool threw = false;
+        if (upstream_fails) up_a.fail_after(static_cast<std::size_t>(n));
+        else failing_new::fail_at(n);
+        try {
+          a.alloc<std::byte>(std::size_t{100} << 10);  // larger than an arena: a new one
+        } catch (const std::bad_alloc&) {
+          threw = true;
+        }
+        up_a.fail_never();
+        failing_new::fail_at(-1);
+        if (!threw) break;
+        ++failures;
+        CHECK(a.stats().metadata_bytes == b.stats().metadata_bytes);
+        CHECK(a.stats().live_entries == b.stats().live_entries);
+        const handle next_a = a.alloc<std::byte>(16), next_b = b.alloc<std::byte>(16);
+        CHECK(a.stats().metadata_bytes == b.stats().metadata_bytes);
+        CHECK(static_cast<std::uint64_t>(next_a) - static_cast<std::uint64_t>(last_a) ==
+              static_cast<std::uint64_t>(next_b) - static_cast<std::uint64_t>(last_b));
+        CHECK(a.size_of(next_a) == 16);
+      }
+      CHECK(failures >= 1);
+    }
+  }
+}
+
+}  // TEST_SUITE

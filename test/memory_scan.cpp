@@ -24,6 +24,16 @@ namespace {
 
 std::vector<std::byte> heap_copy(std::span<const std::byte> s) { return {s.begin(), s.end()}; }
 
+// A needle of n bytes from the seed, kept where the scan cannot see it, and a scan for it.
+struct planted {
+  hidden_bytes needle;
+  memory_scan scan;
+  planted(std::size_t n, std::uint64_t seed, const char* name) : needle(n) {
+    fill_from_seed(needle.span(), seed);
+    scan.add(name, needle.span());
+  }
+};
+
 void require_clean(const scan_report& r) {
   INFO(r.summary());
   CHECK(r.unexpected_unreadable().empty());
@@ -36,10 +46,8 @@ TEST_SUITE("custody") {
 
 TEST_CASE("the scan finds each heap copy of a planted marker, and not the hidden original") {
   MEMSHUFFLE_TEST_SEED(seed);
-  hidden_bytes marker(32);
-  fill_from_seed(marker.span(), seed);
-  memory_scan scan;
-  scan.add("marker", marker.span());
+  planted p(32, seed, "marker");
+  const auto& [marker, scan] = p;
   CHECK(scan.run().count("marker") == 0);
 
   auto one = heap_copy(marker.span());
@@ -58,10 +66,8 @@ TEST_CASE("the scan finds each heap copy of a planted marker, and not the hidden
 
 TEST_CASE("the scan finds a planted raw key across the boundary of the chunks it reads") {
   MEMSHUFFLE_TEST_SEED(seed);
-  hidden_bytes key(32);
-  fill_from_seed(key.span(), seed);
-  memory_scan scan;
-  scan.add("key", key.span());
+  planted p(32, seed, "key");
+  const auto& [key, scan] = p;
   // 3 MiB of heap with the key across each 1 MiB boundary of the block (the scan reads
   // mappings in 1 MiB chunks; a block's offsets are the chunks' up to a page).
   std::vector<std::byte> big(std::size_t{3} << 20);
@@ -80,29 +86,32 @@ TEST_CASE("the key expansion matches FIPS-197 and its schedules are recognised i
   const unsigned char a3[32] = {0x60, 0x3d, 0xeb, 0x10, 0x15, 0xca, 0x71, 0xbe, 0x2b, 0x73, 0xae,
                                 0xf0, 0x85, 0x7d, 0x77, 0x81, 0x1f, 0x35, 0x2c, 0x07, 0x3b, 0x61,
                                 0x08, 0xd7, 0x2d, 0x98, 0x10, 0xa3, 0x09, 0x14, 0xdf, 0xf4};
-  std::array<std::byte, 32> key{};
-  std::memcpy(key.data(), a3, 32);
-  std::array<std::byte, 240> rk{};
-  expand_aes256_key(key, rk);
+  // Everything made here stays in a hidden mapping: later scans must not count it.
+  hidden_bytes mem(32 + 240 + 240);
+  std::byte* key = mem.data();
+  std::byte* rk = key + 32;
+  std::byte* other = rk + 240;
+  std::memcpy(key, a3, 32);
+  expand_aes256_key({key, 32}, {rk, 240});
   const std::array<std::byte, 4> w59{std::byte{0x70}, std::byte{0x6c}, std::byte{0x63}, std::byte{0x1e}};
-  CHECK(std::memcmp(rk.data() + 236, w59.data(), 4) == 0);
-  CHECK(is_aes256_schedule(rk.data()));
+  CHECK(std::memcmp(rk + 236, w59.data(), 4) == 0);
+  CHECK(is_aes256_schedule(rk));
 
   auto swapped = [&](std::size_t from, std::size_t to) {
-    auto s = rk;
-    for (std::size_t i = from; i < to; ++i) std::reverse(s.begin() + 4 * i, s.begin() + 4 * i + 4);
-    return s;
+    std::memcpy(other, rk, 240);
+    for (std::size_t i = from; i < to; ++i) std::reverse(other + 4 * i, other + 4 * i + 4);
+    return other;
   };
-  CHECK(is_aes256_schedule(swapped(0, 60).data()));
-  CHECK(is_aes256_schedule(swapped(4, 56).data()));  // Crypto++'s table path
+  CHECK(is_aes256_schedule(swapped(0, 60)));
+  CHECK(is_aes256_schedule(swapped(4, 56)));  // Crypto++'s table path
 
   for (std::size_t bit : {0u, 8 * 100u + 3, 8 * 239u + 7}) {
-    auto bad = rk;
-    bad[bit / 8] ^= std::byte(1u << (bit % 8));
-    CHECK_FALSE(is_aes256_schedule(bad.data()));
+    std::memcpy(other, rk, 240);
+    other[bit / 8] ^= std::byte(1u << (bit % 8));
+    CHECK_FALSE(is_aes256_schedule(other));
   }
-  std::array<std::byte, 240> zeros{};
-  CHECK_FALSE(is_aes256_schedule(zeros.data()));
+  std::memset(other, 0, 240);
+  CHECK_FALSE(is_aes256_schedule(other));
 }
 
 TEST_CASE("the scan finds the schedule of a Crypto++ AES-256 object on the heap without knowing its key") {
@@ -135,12 +144,10 @@ TEST_CASE("the scan finds the schedule of a Crypto++ AES-256 object on the heap 
 
 TEST_CASE("the scan skips mappings left out of core dumps, and only those") {
   MEMSHUFFLE_TEST_SEED(seed);
-  hidden_bytes marker(48);
-  fill_from_seed(marker.span(), seed);
+  planted p(48, seed, "marker");
+  const auto& [marker, scan] = p;
   hidden_bytes page(4096);
   std::memcpy(page.data() + 100, marker.data(), marker.size());
-  memory_scan scan;
-  scan.add("marker", marker.span());
   CHECK(scan.run().count("marker") == 0);
   REQUIRE(::madvise(page.data(), 4096, MADV_DODUMP) == 0);
   const auto r = scan.run();

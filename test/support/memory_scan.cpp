@@ -32,6 +32,13 @@ constexpr std::size_t schedule_bytes = 240;
 // one; those mappings are read page run by page run, as /proc/self/pagemap shows them.
 constexpr std::size_t sparse_from = std::size_t{64} << 20;
 
+// The hot loops are not instrumented: under the sanitizers the scan must stay fast.
+#if defined(__GNUC__)
+#define MEMSHUFFLE_SCAN_RAW __attribute__((no_sanitize("address", "undefined")))
+#else
+#define MEMSHUFFLE_SCAN_RAW
+#endif
+
 std::uint8_t rotl8(std::uint8_t x, int s) {
   return static_cast<std::uint8_t>((x << s) | (x >> (8 - s)));
 }
@@ -57,12 +64,12 @@ std::array<std::uint8_t, 256> make_sbox() {
 const std::array<std::uint8_t, 256> sbox = make_sbox();
 
 // Words hold their four bytes with the first one lowest, so byte order is little-endian.
-std::uint32_t sub_word(std::uint32_t w) noexcept {
+MEMSHUFFLE_SCAN_RAW std::uint32_t sub_word(std::uint32_t w) noexcept {
   return std::uint32_t{sbox[w & 0xFF]} | std::uint32_t{sbox[(w >> 8) & 0xFF]} << 8 |
          std::uint32_t{sbox[(w >> 16) & 0xFF]} << 16 | std::uint32_t{sbox[w >> 24]} << 24;
 }
 
-std::uint32_t schedule_step(std::uint32_t previous, std::size_t i) noexcept {
+MEMSHUFFLE_SCAN_RAW std::uint32_t schedule_step(std::uint32_t previous, std::size_t i) noexcept {
   if (i % 8 == 0) return sub_word(std::rotr(previous, 8)) ^ (std::uint32_t{1} << (i / 8 - 1));
   if (i % 8 == 4) return sub_word(previous);
   return previous;
@@ -70,18 +77,18 @@ std::uint32_t schedule_step(std::uint32_t previous, std::size_t i) noexcept {
 
 enum class layout { bytes, crypto_table, swapped };
 
-bool word_swapped(layout l, std::size_t i) noexcept {
+MEMSHUFFLE_SCAN_RAW bool word_swapped(layout l, std::size_t i) noexcept {
   return l == layout::swapped || (l == layout::crypto_table && i >= 4 && i < 56);
 }
 
-std::uint32_t word(const std::byte* p, std::size_t i, layout l) noexcept {
+MEMSHUFFLE_SCAN_RAW std::uint32_t word(const std::byte* p, std::size_t i, layout l) noexcept {
   std::uint32_t w;
   std::memcpy(&w, p + 4 * i, 4);
   if constexpr (std::endian::native == std::endian::big) w = __builtin_bswap32(w);
   return word_swapped(l, i) ? __builtin_bswap32(w) : w;
 }
 
-bool schedule_in(const std::byte* p, layout l) noexcept {
+MEMSHUFFLE_SCAN_RAW bool schedule_in(const std::byte* p, layout l) noexcept {
   // The cheap first check: word 8 alone rejects almost every offset.
   if ((word(p, 0, l) ^ schedule_step(word(p, 7, l), 8)) != word(p, 8, l)) return false;
   std::array<std::uint32_t, 60> w;  // NOLINT: every word is written before it is read
@@ -90,6 +97,7 @@ bool schedule_in(const std::byte* p, layout l) noexcept {
     w[i] = w[i - 8] ^ schedule_step(w[i - 1], i);
     if (w[i] != word(p, i, l)) return false;
   }
+  secure_wipe(w.data(), sizeof w);  // a whole schedule: later scans must not find it here
   return true;
 }
 
@@ -114,6 +122,22 @@ mapping parse_header(const std::string& line) {
   m.begin = std::stoull(range.substr(0, range.find('-')), nullptr, 16);
   m.end = std::stoull(range.substr(range.find('-') + 1), nullptr, 16);
   return m;
+}
+
+// The first occurrence of needle in [p, p + n), or nullptr: memchr for its first byte,
+// then a compare.
+MEMSHUFFLE_SCAN_RAW const std::byte* find(const std::byte* p, std::size_t n, std::span<const std::byte> needle) {
+  const std::size_t m = needle.size();
+  for (const std::byte* end = p + n; static_cast<std::size_t>(end - p) >= m;) {
+    const void* f = std::memchr(p, std::to_integer<int>(needle[0]), static_cast<std::size_t>(end - p) - m + 1);
+    if (f == nullptr) return nullptr;
+    p = static_cast<const std::byte*>(f);
+    std::size_t k = 1;
+    while (k < m && p[k] == needle[k]) ++k;
+    if (k == m) return p;
+    ++p;
+  }
+  return nullptr;
 }
 
 // Reads exactly n bytes at address a of the own memory, or fails.
@@ -279,9 +303,10 @@ void expand_aes256_key(std::span<const std::byte> key, std::span<std::byte> out)
   for (std::size_t i = 8; i < 60; ++i) w[i] = w[i - 8] ^ schedule_step(w[i - 1], i);
   for (std::size_t i = 0; i < 60; ++i)
     for (std::size_t b = 0; b < 4; ++b) out[4 * i + b] = static_cast<std::byte>(w[i] >> (8 * b));
+  secure_wipe(w.data(), sizeof w);
 }
 
-bool is_aes256_schedule(const std::byte* p) noexcept {
+MEMSHUFFLE_SCAN_RAW bool is_aes256_schedule(const std::byte* p) noexcept {
   return schedule_in(p, layout::bytes) || schedule_in(p, layout::crypto_table) ||
          schedule_in(p, layout::swapped);
 }
@@ -353,9 +378,9 @@ void memory_scan::search(const std::byte* buf, std::size_t n, std::size_t carry,
   for (std::size_t k = 0; k < needles_.size(); ++k) {
     const auto& x = needles_[k].bytes;
     for (std::size_t at = 0; at + x.size() <= n;) {
-      const void* f = ::memmem(buf + at, n - at, x.data(), x.size());
+      const std::byte* f = find(buf + at, n - at, x);
       if (f == nullptr) break;
-      at = static_cast<std::size_t>(static_cast<const std::byte*>(f) - buf);
+      at = static_cast<std::size_t>(f - buf);
       if (at + x.size() > carry) record(report.items[k], at);
       ++at;
     }
