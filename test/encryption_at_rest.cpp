@@ -452,7 +452,7 @@ TEST_CASE("threads rent, write, read and free with encryption on while another s
   CAPTURE(seed);
   for (auto kind : ciphers) {
     CAPTURE(name(kind));
-    shuffler s({.cipher = kind, .shuffle_on_borrow_return = true, .arena_size = 16 * 1024});
+    shuffler s({.cipher = kind, .shuffle_on_return = true, .arena_size = 16 * 1024});
     constexpr int workers = 3, per_worker = 40, rounds = 300;
     std::vector<std::vector<handle>> owned(workers);
     for (auto& v : owned)

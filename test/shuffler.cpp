@@ -205,7 +205,7 @@ TEST_CASE("a random mix of alloc, create, free, rent, mutate, write and shuffle 
       CAPTURE(static_cast<int>(c));
       CAPTURE(variant);
       shuffler_options o{.cipher = c,
-                         .shuffle_on_borrow_return = (variant & 1) != 0,
+                         .shuffle_on_return = (variant & 1) != 0,
                          .arena_size = 16 * 1024};
       if ((variant & 2) != 0) o.plaintext_resource = std::pmr::new_delete_resource();  // replaced in run_model
       run_model(o, seed + static_cast<std::uint64_t>(variant), 700);
@@ -275,7 +275,7 @@ TEST_CASE("u64, double, 128-bit and 4096-aligned entries stay aligned after ever
     check_all();
     s.shuffle(3000);
     check_all();
-    s.set_shuffle_on_borrow_return(round % 2 == 0);  // each rent in check_all moves on return
+    s.set_shuffle_on_return(round % 2 == 0);  // each rent in check_all moves on return
     check_all();
   }
   // The values survive too.
@@ -305,7 +305,7 @@ TEST_CASE("a rented entry keeps its address across shuffles until it is returned
 }
 
 TEST_CASE("shuffle on return moves the returned entry alone to a new address") {
-  shuffler s({.cipher = cipher_kind::none, .shuffle_on_borrow_return = true});
+  shuffler s({.cipher = cipher_kind::none, .shuffle_on_return = true});
   const handle h = s.alloc<std::uint64_t>(8);
   const handle other = s.alloc<std::uint64_t>(8);
   int changed = 0;
@@ -329,7 +329,7 @@ TEST_CASE("shuffle on return moves the returned entry alone to a new address") {
 
 TEST_CASE("when a move on return finds no memory the entry stays where it is") {
   recording_resource up;
-  shuffler s({.shuffle_on_borrow_return = true, .arena_size = 1024}, &up);
+  shuffler s({.shuffle_on_return = true, .arena_size = 1024}, &up);
   const handle h = s.alloc<std::byte>(1000);  // fills the arena: the move needs a new one
   std::byte* before = s.rent_pointer<std::byte*>(h);
   before[0] = std::byte{5};
@@ -987,7 +987,7 @@ TEST_CASE("under the address sanitizer a raw pointer kept past a move is poisone
   s.return_pointer(h);
   s.shuffle();
   CHECK(__asan_address_is_poisoned(stale));
-  s.set_shuffle_on_borrow_return(true);
+  s.set_shuffle_on_return(true);
   std::uint64_t* again = s.rent_pointer<std::uint64_t*>(h);
   s.return_pointer(h);  // moves it alone
   CHECK(__asan_address_is_poisoned(again));
