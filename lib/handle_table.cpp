@@ -18,7 +18,7 @@ constexpr unsigned tag_shift = handle_table::index_bits + handle_table::generati
 handle_table::handle_table(std::uint16_t tag, std::uint32_t first_generation, std::pmr::memory_resource* storage)
     : slots_(storage), first_generation_(first_generation), tag_(tag) {}
 
-handle_table::~handle_table() { secure_wipe(slots_.data(), slots_.size() * sizeof(entry)); }
+handle_table::~handle_table() { secure_wipe(slots_.data(), slots_.capacity() * sizeof(entry)); }
 
 void handle_table::reserve_one() {
   if (free_head_ != none) return;
@@ -31,7 +31,7 @@ void handle_table::grow(std::size_t capacity) {
   std::pmr::vector<entry> bigger(slots_.get_allocator());
   bigger.reserve(capacity);
   bigger.assign(slots_.begin(), slots_.end());
-  secure_wipe(slots_.data(), slots_.size() * sizeof(entry));
+  secure_wipe(slots_.data(), slots_.capacity() * sizeof(entry));
   slots_.swap(bigger);
 }
 

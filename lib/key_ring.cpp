@@ -16,19 +16,23 @@ namespace {
 
 // A buffer of secret memory that is wiped and given back when it ends.
 struct secret_bytes {
-  explicit secret_bytes(std::size_t n)
-      : bytes(n), p(static_cast<std::byte*>(secret_memory()->allocate(n, alignof(std::max_align_t)))) {}
+  secret_bytes(std::size_t n, std::pmr::memory_resource* r)
+      : memory(r), bytes(n), p(static_cast<std::byte*>(r->allocate(n, alignof(std::max_align_t)))) {}
   ~secret_bytes() {
     secure_wipe(p, bytes);
-    secret_memory()->deallocate(p, bytes, alignof(std::max_align_t));
+    memory->deallocate(p, bytes, alignof(std::max_align_t));
   }
   secret_bytes(const secret_bytes&) = delete;
   secret_bytes& operator=(const secret_bytes&) = delete;
+  std::pmr::memory_resource* memory;
   std::size_t bytes;
   std::byte* p;
 };
 
 }  // namespace
+
+key_ring::key_ring(cipher_kind kind)
+    : kind_(kind), memory_(kind == cipher_kind::none ? std::pmr::new_delete_resource() : secret_memory()) {}
 
 key_ring::~key_ring() {
   for (key_slot* k : slots_)
@@ -38,7 +42,7 @@ key_ring::~key_ring() {
 void key_ring::destroy(key_slot* k) noexcept {
   k->~key_slot();
   secure_wipe(k, sizeof(key_slot));
-  secret_memory()->deallocate(k, sizeof(key_slot), alignof(key_slot));
+  memory_->deallocate(k, sizeof(key_slot), alignof(key_slot));
 }
 
 std::uint16_t key_ring::add(const key_type* key, const salt_type* salt) {
@@ -49,7 +53,7 @@ std::uint16_t key_ring::add(const key_type* key, const salt_type* salt) {
     free_slot = slots_.end();
   }
   // The raw key and the salt pass through secret memory only.
-  secret_bytes raw(sizeof(key_type) + sizeof(salt_type));
+  secret_bytes raw(sizeof(key_type) + sizeof(salt_type), memory_);
   const std::span key_bytes(raw.p, sizeof(key_type));
   const std::span salt_bytes(raw.p + sizeof(key_type), sizeof(salt_type));
   if (key) std::memcpy(key_bytes.data(), key->data(), key_bytes.size());
@@ -58,12 +62,12 @@ std::uint16_t key_ring::add(const key_type* key, const salt_type* salt) {
   else os_random(salt_bytes);
   std::uint64_t first_seq = 0;
   os_random(std::as_writable_bytes(std::span(&first_seq, 1)));
-  void* place = secret_memory()->allocate(sizeof(key_slot), alignof(key_slot));
+  void* place = memory_->allocate(sizeof(key_slot), alignof(key_slot));
   key_slot* k = nullptr;
   try {
     k = ::new (place) key_slot(kind_, key_bytes, *reinterpret_cast<const salt_type*>(salt_bytes.data()), first_seq);
   } catch (...) {
-    secret_memory()->deallocate(place, sizeof(key_slot), alignof(key_slot));
+    memory_->deallocate(place, sizeof(key_slot), alignof(key_slot));
     throw;
   }
   if (free_slot == slots_.end()) {

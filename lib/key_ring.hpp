@@ -7,6 +7,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory_resource>
 #include <span>
 #include <vector>
 
@@ -32,7 +33,7 @@ struct key_slot {
 
 class key_ring {
  public:
-  explicit key_ring(cipher_kind kind) : kind_(kind) {}
+  explicit key_ring(cipher_kind kind);
   ~key_ring();  // every key destroyed and wiped
   key_ring(const key_ring&) = delete;
   key_ring& operator=(const key_ring&) = delete;
@@ -60,9 +61,11 @@ class key_ring {
 
  private:
   std::uint16_t add(const key_type* key, const salt_type* salt);
-  static void destroy(key_slot* k) noexcept;
+  void destroy(key_slot* k) noexcept;
 
   cipher_kind kind_;
+  // Secret memory; the heap under cipher none, which has no key material to keep.
+  std::pmr::memory_resource* memory_;
   std::vector<key_slot*> slots_;  // the pointers in the heap, the keys in secret memory
   std::uint16_t current_ = no_key;
 };

@@ -27,6 +27,8 @@ void check(const shuffler_options& o, std::pmr::memory_resource* upstream) {
     throw std::invalid_argument("memshuffle::shuffler: shuffle_above_ratio must be finite and >= 0");
   if (o.cipher != cipher_kind::none && o.cipher != cipher_kind::aes_256_ctr && o.cipher != cipher_kind::aes_256_gcm)
     throw std::invalid_argument("memshuffle::shuffler: unknown cipher_kind");
+  if (o.plaintext_in_place && o.plaintext_resource != nullptr)
+    throw std::invalid_argument("memshuffle::shuffler: plaintext_in_place and a plaintext_resource exclude each other");
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <new>
 #include <string>
 
+#include "secret_memory.hpp"
 
 namespace memshuffle {
 
@@ -28,7 +29,10 @@ std::uint64_t random_u64() {
   return v;
 }
 
-std::pmr::memory_resource* window_resource_of(const shuffler_options& o) noexcept { return o.plaintext_resource; }
+std::pmr::memory_resource* window_resource_of(const shuffler_options& o) noexcept {
+  if (o.plaintext_in_place) return nullptr;
+  return o.plaintext_resource != nullptr ? o.plaintext_resource : detail::secret_memory();
+}
 
 }  // namespace
 

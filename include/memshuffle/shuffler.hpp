@@ -44,7 +44,8 @@ class shuffler {
   ///   options.key and options.salt (random ones when absent); the caller's key and
   ///   salt in options are wiped once they are in the library's secret memory.
   /// \throws std::invalid_argument for a null upstream, arena_size 0, a negative or
-  ///   infinite shuffle_above_ratio, or an unknown cipher_kind; memshuffle::error when every handle tag of
+  ///   infinite shuffle_above_ratio, an unknown cipher_kind, or plaintext_in_place
+  ///   together with a plaintext_resource; memshuffle::error when every handle tag of
   ///   the process is in use; std::bad_alloc.
   explicit shuffler(shuffler_options options = {},
                     std::pmr::memory_resource* upstream = std::pmr::get_default_resource());

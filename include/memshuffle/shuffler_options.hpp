@@ -30,8 +30,15 @@ struct shuffler_options {
   bool randomize_layout = true;
   /// Bytes of one arena taken from the upstream.
   std::size_t arena_size = 64 * 1024;
-  /// Non-null: a lease decrypts into a window from this resource instead of in place.
+  /// Where a lease shows plaintext (its window), and where a key rotation works:
+  /// null means the library's secret memory (locked, left out of core dumps, gone in a
+  /// child of fork()).
   std::pmr::memory_resource* plaintext_resource = nullptr;
+  /// Opt-in: a lease decrypts in place in the arena, with no window. Saves a copy and
+  /// the window's memory, and gives up that plaintext stays out of the upstream's
+  /// memory (which may be swapped out or written to a core dump) while a lease is open.
+  /// Excludes a plaintext_resource.
+  bool plaintext_in_place = false;
   /// Take a fresh random key after this many encryptions under the current one; 0 = never.
   std::size_t rotate_key_every = 0;
 };
