@@ -126,7 +126,8 @@ void shuffler_basics() {
   heading("2. The shuffler: handles, leases, relocation, compaction");
   std::printf("(cipher none in this part, so the bytes are plain; part 3 turns encryption on)\n");
   tracking_resource upstream(std::pmr::new_delete_resource());
-  shuffler s({.cipher = cipher_kind::none}, &upstream);
+  // In place: a lease shows the entry where it lives, so its moves can be seen.
+  shuffler s({.cipher = cipher_kind::none, .plaintext_in_place = true}, &upstream);
 
   handle alice = s.create<account>();
   handle bob = s.create<account>();
@@ -245,7 +246,10 @@ void encryption_at_rest() {
   const auto needle = std::as_bytes(std::span(secret, n - 1));
 
   inspectable_resource memory;
-  shuffler s({.cipher = cipher_kind::aes_256_ctr}, &memory);
+  // In place, to show the arena's bytes through a lease (by default a lease shows the
+  // plaintext in a window of locked memory instead, never in the arena).
+  std::printf("(decrypting in place here, to look at the arena; by default a lease shows a window)\n");
+  shuffler s({.cipher = cipher_kind::aes_256_ctr, .plaintext_in_place = true}, &memory);
   handle h = s.alloc<char>(n);
   const char* where = nullptr;  // where the entry lives, as seen under a lease
   {
@@ -268,7 +272,7 @@ void encryption_at_rest() {
   print_bytes("after rotate_key():", where, n);
 
   std::printf("\nWith AES-256-GCM a changed byte at rest is caught when the entry is rented:\n");
-  shuffler g({.cipher = cipher_kind::aes_256_gcm}, &memory);
+  shuffler g({.cipher = cipher_kind::aes_256_gcm, .plaintext_in_place = true}, &memory);
   handle gh = g.alloc<char>(n);
   char* at = nullptr;
   {

@@ -32,7 +32,7 @@ class secret_store {
 
  private:
   memshuffle::shuffler shuffler_{{.cipher = memshuffle::cipher_kind::aes_256_gcm,
-                                  .shuffle_on_borrow_return = true}};
+                                  .shuffle_on_return = true}};
   std::map<std::string, memshuffle::sealed<token>> entries_;  // after shuffler_: dies first
 };
 

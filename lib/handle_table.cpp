@@ -1,5 +1,12 @@
 #include "handle_table.hpp"
 
+#include <memshuffle/error.hpp>
+#include <memshuffle/os_random.hpp>
+#include <memshuffle/secure_wipe.hpp>
+
+#include <algorithm>
+#include <array>
+#include <mutex>
 #include <new>
 
 namespace memshuffle::detail {
@@ -8,12 +15,24 @@ namespace {
 constexpr unsigned tag_shift = handle_table::index_bits + handle_table::generation_bits;
 }
 
-handle_table::handle_table(std::uint16_t tag) : tag_(tag) {}
+handle_table::handle_table(std::uint16_t tag, std::uint32_t first_generation, std::pmr::memory_resource* storage)
+    : slots_(storage), first_generation_(first_generation), tag_(tag) {}
+
+handle_table::~handle_table() { secure_wipe(slots_.data(), slots_.capacity() * sizeof(entry)); }
 
 void handle_table::reserve_one() {
   if (free_head_ != none) return;
   if (slots_.size() > max_index) throw std::bad_alloc();  // out of handles
-  if (slots_.size() == slots_.capacity()) slots_.reserve(slots_.empty() ? 64 : slots_.size() * 2);
+  if (slots_.size() == slots_.capacity()) grow(slots_.empty() ? 64 : slots_.size() * 2);
+}
+
+void handle_table::grow(std::size_t capacity) {
+  // Entry addresses and counters must not stay behind in storage given back.
+  std::pmr::vector<entry> bigger(slots_.get_allocator());
+  bigger.reserve(capacity);
+  bigger.assign(slots_.begin(), slots_.end());
+  secure_wipe(slots_.data(), slots_.capacity() * sizeof(entry));
+  slots_.swap(bigger);
 }
 
 std::uint32_t handle_table::acquire() noexcept {
@@ -24,6 +43,7 @@ std::uint32_t handle_table::acquire() noexcept {
     return i;
   }
   slots_.emplace_back();  // reserve_one() made room: no reallocation, no throw
+  slots_.back().generation = first_generation_;
   return static_cast<std::uint32_t>(slots_.size() - 1);
 }
 
@@ -59,6 +79,59 @@ const entry* handle_table::find(handle h) const noexcept {
 handle handle_table::handle_of(std::uint32_t i) const noexcept {
   return static_cast<handle>(std::uint64_t{tag_} << tag_shift |
                              std::uint64_t{slots_[i].generation} << index_bits | i);
+}
+
+std::uint32_t handle_table::generations_used() const noexcept {
+  // A live slot's generation has been handed out, a freed one's was bumped past it.
+  std::uint32_t used = first_generation_;
+  for (const entry& e : slots_) used = std::max(used, e.generation + 1);
+  return used;
+}
+
+// --- the tag registry -------------------------------------------------------------
+
+namespace {
+
+struct tag_registry {
+  static constexpr std::uint32_t owned = 0x8000'0000;
+  std::mutex m;
+  // By tag: the first generation no earlier table used, and `owned` while one lives.
+  std::array<std::uint32_t, 0x10000> state{};
+  std::uint32_t cursor = 0;
+};
+
+tag_registry& registry() noexcept {
+  // Never destroyed: static shufflers release their tags at exit.
+  alignas(tag_registry) static unsigned char storage[sizeof(tag_registry)];
+  static tag_registry* const r = [] {
+    auto* fresh = ::new (storage) tag_registry();
+    os_random(std::as_writable_bytes(std::span(&fresh->cursor, 1)));
+    return fresh;
+  }();
+  return *r;
+}
+
+}  // namespace
+
+tag_grant acquire_tag() {
+  tag_registry& r = registry();
+  std::lock_guard lock(r.m);
+  for (std::uint32_t tried = 0; tried < 0x10000; ++tried) {
+    const auto tag = static_cast<std::uint16_t>(r.cursor++);
+    std::uint32_t& s = r.state[tag];
+    if (tag == 0 || (s & tag_registry::owned) != 0 || s > handle_table::max_generation) continue;
+    const std::uint32_t first_generation = s;
+    s |= tag_registry::owned;
+    return {tag, first_generation};
+  }
+  throw error("memshuffle: no shuffler tag left (every one is in use or has used up its handles)");
+}
+
+void release_tag(std::uint16_t tag, std::uint32_t generations_used) noexcept {
+  tag_registry& r = registry();
+  std::lock_guard lock(r.m);
+  std::uint32_t& s = r.state[tag];
+  s = std::max(s & ~tag_registry::owned, generations_used);
 }
 
 }  // namespace memshuffle::detail

@@ -2,10 +2,14 @@
 // The handle table: one 32-byte slot per entry, found by the index inside a handle and
 // checked against the generation and the shuffler's tag also inside it. Slots of freed
 // entries are reused with a higher generation, so an old handle never names the new
-// entry; a slot whose generation is used up is retired instead of reused.
+// entry; a slot whose generation is used up is retired instead of reused. A tag
+// belongs to one live table at a time (the tag registry below), and a table that
+// reuses a tag starts above every generation the tag's earlier tables handed out, so a
+// handle is never valid in a table other than the one that made it.
 // Not synchronized: the shuffler calls it under its lock.
 #include <cstddef>
 #include <cstdint>
+#include <memory_resource>
 #include <vector>
 
 #include <memshuffle/handle.hpp>
@@ -56,7 +60,13 @@ class handle_table {
   static constexpr std::size_t max_entry_size = (std::uint64_t{1} << 40) - 1;
 
   // tag: nonzero, 16 bits; it keeps every handle apart from invalid_handle too.
-  explicit handle_table(std::uint16_t tag);
+  // first_generation: every slot's first; storage: where the slots live (old storage
+  // is wiped before it goes back, as are the slots when the table ends).
+  explicit handle_table(std::uint16_t tag, std::uint32_t first_generation = 0,
+                        std::pmr::memory_resource* storage = std::pmr::new_delete_resource());
+  ~handle_table();
+  handle_table(const handle_table&) = delete;
+  handle_table& operator=(const handle_table&) = delete;
 
   // Makes room so that the next acquire() cannot throw (std::bad_alloc otherwise,
   // with the table unchanged).
@@ -81,13 +91,31 @@ class handle_table {
   const entry& operator[](std::uint32_t i) const noexcept { return slots_[i]; }
   std::uint32_t slots() const noexcept { return static_cast<std::uint32_t>(slots_.size()); }
   std::size_t metadata_bytes() const noexcept { return slots_.size() * sizeof(entry); }
+  std::uint16_t tag() const noexcept { return tag_; }
+  // The first generation no handle of this table has used (a retired slot's included).
+  std::uint32_t generations_used() const noexcept;
 
  private:
   static constexpr std::uint32_t none = 0xFFFF'FFFF;
 
-  std::vector<entry> slots_;
+  void grow(std::size_t capacity);
+
+  std::pmr::vector<entry> slots_;
   std::uint32_t free_head_ = none;
+  std::uint32_t first_generation_;
   std::uint16_t tag_;
 };
+
+// The process-wide tag registry. A tag goes to one live table at a time, with the
+// first generation its earlier tables never used; a tag whose generations are used up
+// is retired. Thread safe.
+struct tag_grant {
+  std::uint16_t tag;
+  std::uint32_t first_generation;
+};
+// Throws memshuffle::error when every tag is in use or retired.
+tag_grant acquire_tag();
+// The table that held tag ends; generations_used: its generations_used().
+void release_tag(std::uint16_t tag, std::uint32_t generations_used) noexcept;
 
 }  // namespace memshuffle::detail

@@ -1,128 +1,169 @@
 // Key rotation: a new key becomes current, and the entries at rest are re-encrypted
 // under it in batches whose AES work runs outside the lock (docs/design.md,
-// "Encryption at rest").
+// "Encryption at rest"), in a scratch buffer of secret memory.
 #include <algorithm>
 #include <cstring>
 #include <new>
 #include <vector>
 
-#include "shuffler_impl.hpp"
+#include <memshuffle/secure_wipe.hpp>
+
+#include "secret_memory.hpp"
+#include "shuffler_sync.hpp"
 
 namespace memshuffle {
 
-void shuffler::impl::rotate(const key_type* key, const salt_type* salt, std::unique_lock<std::mutex>& lk) {
-  // Everything that can fail for want of memory comes before the new key: sized for
-  // the entries there are now (a larger one created later grows the scratch then).
-  std::size_t largest = 0, total = 0;
-  for (std::uint32_t i = 0; i < table.slots(); ++i)
-    if (table[i].live()) largest = std::max(largest, stored_bytes(table[i])), total += stored_bytes(table[i]);
-  CryptoPP::SecByteBlock scratch(encrypting ? std::max(largest, std::min(total, rotation_batch_bytes)) : 0);
-  std::vector<reseal> batch;
-  batch.reserve(encrypting ? rotation_batch_entries : 0);
-  const std::uint16_t previous = current_key;
-  current_key = add_key(key, salt);  // the last step that can fail before any change
-  ++key_rotations;
-  drop_if_unused(previous);
-  if (!encrypting) return;
+void shuffler::synchronized::rotate(std::unique_lock<std::mutex>& lk, const key_type* key, const salt_type* salt) {
+  impl::scratch_buffer scratch(core.scratch_resource());
+  std::vector<impl::reseal> batch;
+  if (!core.begin_rotation(key, salt, scratch, batch)) return;
   // Encryptions already under way under an older key finish first.
-  cv.wait(lk, [&] {
-    for (std::size_t k = 0; k < keys.size(); ++k)
-      if (keys[k] && k != current_key && keys[k]->sealing != 0) return false;
-    return true;
-  });
-  for (std::size_t k = 0; k < keys.size(); ++k)
-    if (keys[k]) drop_if_unused(static_cast<std::uint16_t>(k));
-  for (std::uint32_t cursor = 0; cursor < table.slots();) {
-    // A rotation during an earlier batch may have moved the current key on.
-    const std::uint16_t to = current_key;
-    cursor = mark_batch(cursor, to, batch, scratch);  // may throw: all readable still
-    if (batch.empty()) break;
-    key_slot& k = *keys[to];
-    k.sealing += batch.size();
-    lk.unlock();
-    const std::span scratch_bytes(reinterpret_cast<std::byte*>(scratch.data()), scratch.size());
-    for (reseal& r : batch) reencrypt(r, k, scratch_bytes);
-    lk.lock();
-    const bool whole = commit_batch(batch, to);
-    batch.clear();
-    cv.notify_all();
+  cv.wait(lk, [&] { return !core.keys.sealing_under_older(); });
+  core.keys.drop_all_unused();
+  for (std::uint32_t cursor = 0; cursor < core.table.slots();) {
+    bool whole = true;
+    const impl::key_slot* to = nullptr;  // kept by the batch's sealing count
+    transition(
+        lk,
+        [&] {
+          cursor = core.mark_batch(cursor, batch, scratch);  // may throw: all readable still
+          if (!batch.empty()) to = &core.keys[batch.front().to_id];
+          return !batch.empty();
+        },
+        [&] {
+          for (impl::reseal& r : batch) core.reencrypt(r, *to, scratch.bytes());
+        },
+        [&] {
+          whole = core.commit_batch(batch, batch.front().to_id);
+          batch.clear();
+        });
     // Every entry is readable under the key it is under; the caller hears of the rest.
     if (!whole) throw std::bad_alloc();
   }
 }
 
-std::uint32_t shuffler::impl::mark_batch(std::uint32_t cursor, std::uint16_t to, std::vector<reseal>& batch,
-                         CryptoPP::SecByteBlock& scratch) {
-  key_slot& k = *keys[to];
+std::pmr::memory_resource* shuffler::impl::scratch_resource() const noexcept {
+  return opt.plaintext_resource != nullptr ? opt.plaintext_resource : detail::secret_memory();
+}
+
+void shuffler::impl::scratch_buffer::reset(std::size_t bytes) {
+  if (p_ != nullptr) {
+    secure_wipe(p_, n_);
+    r_->deallocate(p_, n_, alignof(std::max_align_t));
+    p_ = nullptr, n_ = 0;
+  }
+  if (bytes == 0) return;
+  p_ = static_cast<std::byte*>(r_->allocate(bytes, alignof(std::max_align_t)));
+  n_ = bytes;
+}
+
+bool shuffler::impl::begin_rotation(const key_type* key, const salt_type* salt, scratch_buffer& scratch,
+                                    std::vector<reseal>& batch) {
+  // Everything that can fail for want of memory comes before the new key: sized for
+  // the entries there are now (a larger one created later grows the scratch then).
+  std::size_t total = 0;
+  for (std::uint32_t i = 0; i < table.slots(); ++i)
+    if (table[i].live()) total += stored_bytes(table[i]);
+  if (encrypting && total != 0) scratch.reset(std::min(total, rotation_batch_bytes));
+  batch.reserve(encrypting ? rotation_batch_entries : 0);
+  keys.rotate_to(key, salt);  // the last step that can fail before any change
+  ++counters.key_rotations;
+  return encrypting;
+}
+
+std::uint32_t shuffler::impl::mark_batch(std::uint32_t cursor, std::vector<reseal>& batch, scratch_buffer& scratch) {
+  // A rotation during an earlier batch may have moved the current key on.
+  const std::uint16_t to = keys.current_id();
+  key_slot& k = keys.current();
   std::size_t used = 0;
   for (; cursor < table.slots() && batch.size() < rotation_batch_entries; ++cursor) {
     entry& e = table[cursor];
     if (e.st() != entry_state::at_rest || !e.written || e.key == to) continue;
+    // A CTR entry larger than a batch is re-encrypted a batch of it at a time; a GCM
+    // message only whole.
     const std::size_t n = stored_bytes(e);
-    if (used + n > scratch.size()) {
+    const std::size_t room = tag_bytes != 0 ? n : std::min(n, rotation_batch_bytes);
+    if (used + room > scratch.bytes().size()) {
       if (!batch.empty()) break;
-      scratch.CleanNew(n);
+      if (room > scratch.bytes().size()) scratch.reset(room);
     }
-    batch.push_back({cursor, table.handle_of(cursor), keys[e.key].get(), e.key, e.aux, k.next_seq++, e.data, e.size, used,
-                     reseal::outcome::no_memory});
+    batch.push_back({cursor, table.handle_of(cursor), &keys[e.key], e.key, to, e.aux, k.next_seq++, e.data, e.size,
+                     used, outcome::no_memory});
     e.set(entry_state::sealing);
-    used += n;
+    used += room;
   }
+  k.sealing += batch.size();
   return cursor;
 }
 
 void shuffler::impl::reencrypt(reseal& r, const key_slot& k, std::span<std::byte> scratch) const noexcept {
   const std::size_t n = r.size + tag_bytes;
   std::byte* buf = scratch.data() + r.offset;
-  std::memcpy(buf, r.data, n);
   const auto aad = detail::be64(static_cast<std::uint64_t>(r.h));
+  if (n > scratch.size() - r.offset) {  // CTR, larger than a batch: piece by piece
+    const std::size_t piece = (scratch.size() - r.offset) & ~std::size_t{15};
+    try {
+      for (std::size_t at = 0; at < n; at += piece) {
+        const std::size_t len = std::min(piece, n - at);
+        std::memcpy(buf, r.data + at, len);
+        r.from->c.open(detail::counter_block(*r.from, r.from_seq, at / 16), {}, {buf, len}, {});
+        k.c.seal(detail::counter_block(k, r.to_seq, at / 16), {}, {buf, len}, {});
+        std::memcpy(r.data + at, buf, len);
+      }
+      r.result = outcome::done;
+    } catch (...) {
+      r.result = outcome::no_memory;  // CTR does not allocate: never seen
+    }
+    secure_wipe(buf, piece);
+    return;
+  }
+  std::memcpy(buf, r.data, n);
+  r.result = outcome::done;
   try {
     r.from->c.open(detail::iv_for(*r.from, detail::counter_block(*r.from, r.from_seq)), aad_span(aad), {buf, r.size},
                    {buf + r.size, tag_bytes});
-    k.c.seal(detail::iv_for(k, detail::counter_block(k, r.to_seq)), aad_span(aad), {buf, r.size}, {buf + r.size, tag_bytes});
+    k.c.seal(detail::iv_for(k, detail::counter_block(k, r.to_seq)), aad_span(aad), {buf, r.size},
+             {buf + r.size, tag_bytes});
   } catch (const integrity_error&) {
-    r.result = reseal::outcome::altered;  // left as it is, under its old key
-    return;
+    r.result = outcome::altered;  // left as it is, under its old key
   } catch (...) {
-    r.result = reseal::outcome::no_memory;  // the cipher's own allocation failed
-    return;
+    r.result = outcome::no_memory;  // the cipher's own allocation failed
   }
-  std::memcpy(r.data, buf, n);
-  r.result = reseal::outcome::done;
+  if (r.result == outcome::done) std::memcpy(r.data, buf, n);
+  else secure_wipe(buf, n);
 }
 
+}  // namespace memshuffle
+
+namespace memshuffle {
+
 bool shuffler::impl::commit_batch(std::span<const reseal> batch, std::uint16_t to) noexcept {
-  key_slot& k = *keys[to];
+  key_slot& k = keys[to];
   k.sealing -= batch.size();
   bool whole = true;
   for (const reseal& r : batch) {
     entry& e = table[r.index];
     e.set(entry_state::at_rest);
-    if (r.result == reseal::outcome::done) {
-      ++decryptions;
-      ++k.encryptions, ++encryptions;
+    if (r.result == outcome::done) {
+      ++counters.decryptions;
+      ++k.encryptions, ++counters.encryptions;
       ++k.users;
-      drop_user(r.from_id);
+      keys.drop_user(r.from_id);
       e.key = to;
       e.aux = r.to_seq;
-    } else if (r.result == reseal::outcome::altered) {
-      ++integrity_failures;
+    } else if (r.result == outcome::altered) {
+      ++counters.integrity_failures;
     } else {
       whole = false;
     }
     if (e.free_on_return) doom(r.index);  // sealed<T> ended meanwhile
   }
-  drop_if_unused(to);
+  keys.drop_if_unused(to);
   return whole;
 }
 
-void shuffler::impl::maybe_rotate(std::unique_lock<std::mutex>& lk) noexcept {
-  if (opt.rotate_key_every == 0 || keys[current_key]->encryptions < opt.rotate_key_every) return;
-  try {
-    rotate(nullptr, nullptr, lk);
-  } catch (...) {
-    // Tried again after the next encryption.
-  }
+bool shuffler::impl::rotation_due() const noexcept {
+  return opt.rotate_key_every != 0 && keys[keys.current_id()].encryptions >= opt.rotate_key_every;
 }
 
 }  // namespace memshuffle

@@ -1,5 +1,5 @@
 // The shuffler's moves: the full shuffle, the compaction of the policies, the
-// incremental pass and the move of one entry on its return (docs/design.md, "Heap").
+// incremental shuffle and the move of one entry on its return (docs/design.md, "Heap").
 // All run under the shuffler's lock.
 #include <algorithm>
 #include <chrono>
@@ -10,7 +10,7 @@
 
 namespace memshuffle {
 
-void shuffler::impl::shuffle_all() {
+void shuffler::impl::shuffle() {
   const auto t0 = std::chrono::steady_clock::now();
   gather_by_arena();
   order_windows();
@@ -24,17 +24,17 @@ void shuffler::impl::shuffle_all() {
     for (std::size_t k = 0; k < batch.size(); ++k) {
       if (k + ahead < batch.size()) __builtin_prefetch(&table[batch[k + ahead].slot], 1);
       table[batch[k].slot].data = batch[k].to;
-      bytes_moved += batch[k].bytes;
+      counters.bytes_moved += batch[k].bytes;
     }
   }
   for (std::uint32_t i : doomed) {
     heap.drop(table[i].data, stored_bytes(table[i]));
     table.recycle(i);
   }
-  pending_free -= doomed.size();
+  counters.pending_free_entries -= doomed.size();
   heap.end_shuffle();
   pass.active = false;
-  ++shuffles;
+  ++counters.shuffles;
   timed(t0);
 }
 
@@ -102,7 +102,7 @@ void shuffler::impl::compact() {
     if (table[i].st() != entry_state::doomed) continue;
     heap.vacate(table[i].data, stored_bytes(table[i]));
     table.recycle(i);
-    --pending_free;
+    --counters.pending_free_entries;
   }
   items.clear();
   for (std::uint32_t i = 0; i < table.slots(); ++i) {
@@ -126,16 +126,16 @@ void shuffler::impl::compact() {
       std::memcpy(dest[k], batch[k].src, batch[k].bytes);
       heap.vacate(batch[k].src, batch[k].bytes);
       table[batch[k].index].data = dest[k];
-      bytes_moved += batch[k].bytes;
+      counters.bytes_moved += batch[k].bytes;
     }
     first = last;
   }
   heap.release_empty_older(serial);
-  ++shuffles;
+  ++counters.shuffles;
   timed(t0);
 }
 
-void shuffler::impl::shuffle_step(std::size_t budget) {
+void shuffler::impl::shuffle(std::size_t budget) {
   const auto t0 = std::chrono::steady_clock::now();
   const bool starting = !pass.active;
   std::vector<std::uint32_t> order;
@@ -169,7 +169,7 @@ void shuffler::impl::shuffle_step(std::size_t budget) {
       if (table[i].st() != entry_state::doomed) continue;
       heap.vacate(table[i].data, stored_bytes(table[i]));
       table.recycle(i);
-      --pending_free;
+      --counters.pending_free_entries;
     }
   }
   for (std::size_t k = 0; k < moves.size(); ++k) {
@@ -178,14 +178,14 @@ void shuffler::impl::shuffle_step(std::size_t budget) {
     std::memcpy(dest[k], e.data, n);
     heap.vacate(e.data, n);
     e.data = dest[k];
-    bytes_moved += n;
+    counters.bytes_moved += n;
   }
   pass.cursor = cursor;
   if (cursor == pass.order.size()) {
     pass.active = false;
     pass.order.clear();
     heap.release_empty_older(pass.serial);
-    ++shuffles;
+    ++counters.shuffles;
   }
   timed(t0);
 }
@@ -202,8 +202,8 @@ void shuffler::impl::relocate(std::uint32_t i) noexcept {
   std::memcpy(to, e.data, n);
   heap.vacate(e.data, n);
   e.data = to;
-  bytes_moved += n;
-  ++relocated_on_return;
+  counters.bytes_moved += n;
+  ++counters.entries_relocated_on_return;
 }
 
 }  // namespace memshuffle

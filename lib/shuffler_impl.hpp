@@ -1,29 +1,27 @@
 #pragma once
-// The shuffler's state, behind its pointer to implementation. One mutex guards the
-// table, the heap, the keys and the statistics; the cipher work of rent, return and
-// key rotation runs outside it while the entries concerned are marked opening or
-// sealing, which keeps every other thread (and shuffle) away from their bytes.
-// Its members are defined in three files: shuffler.cpp (keys, entries, policies, rent
-// and return, and the public members), shuffle_passes.cpp (the full shuffle, the
-// compaction, the incremental pass, the move on return) and key_rotation.cpp.
+// The shuffler's algorithm, not synchronized: its handle table, heap and key ring, the
+// policies, the statistics, and the steps of every operation. The lock, the waits and
+// the fork check are the caller's (shuffler_sync.hpp), as Boost's
+// synchronized_pool_resource wraps its unsynchronized pool. Cipher work on an entry runs
+// in three steps: pin_* under the lock marks the entry opening or sealing (which keeps
+// every other thread, and every shuffle, away from its bytes), *_outside does the
+// cipher work without the lock, and commit_* records the outcome under the lock again.
+// Members are defined in shuffler_impl.cpp (entries, policies, rent and return),
+// shuffle_passes.cpp (the full shuffle, the compaction, the incremental shuffle, the
+// move on return) and key_rotation.cpp.
 #include <memshuffle/shuffler.hpp>
 
 #include <array>
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <memory_resource>
-#include <mutex>
 #include <span>
 #include <vector>
 
-#include <crypto++/secblock.h>
-
 #include "handle_table.hpp"
 #include "heap.hpp"
-#include "key_slot.hpp"
+#include "key_ring.hpp"
 #include "layout_rng.hpp"
 
 namespace memshuffle {
@@ -34,24 +32,37 @@ struct shuffler::impl {
   using key_slot = detail::key_slot;
   using layout_rng = detail::layout_rng;
 
-  impl(const shuffler_options& o, std::pmr::memory_resource* up);
+  // o holds no key or salt: those come as pointers, straight into the key ring.
+  impl(const shuffler_options& o, const key_type* key, const salt_type* salt, std::pmr::memory_resource* up);
   ~impl();
+  impl(const impl&) = delete;
+  impl& operator=(const impl&) = delete;
 
-  shuffler_options opt;
+  // The tag of the handle table, given back to the registry when the shuffler ends.
+  struct tag_owner {
+    detail::tag_grant grant = detail::acquire_tag();
+    std::uint32_t used = grant.first_generation;
+    tag_owner() = default;
+    tag_owner(const tag_owner&) = delete;
+    tag_owner& operator=(const tag_owner&) = delete;
+    ~tag_owner() { detail::release_tag(grant.tag, used); }
+  };
+
+  shuffler_options opt;  // without key and salt, which only the key ring holds
   std::pmr::memory_resource* upstream;
+  // Where a lease shows plaintext: null when it decrypts in place in the arena.
+  std::pmr::memory_resource* window_resource;
   const bool encrypting;
   const std::size_t tag_bytes;
   bool on_return;
 
-  mutable std::mutex m;
-  std::condition_variable cv;  // an entry left opening or sealing
+  tag_owner tag;
   detail::handle_table table;
   detail::heap heap;
-  std::vector<std::unique_ptr<key_slot>> keys;
-  std::uint16_t current_key = detail::no_key;
+  detail::key_ring keys;
   layout_rng rng;
 
-  // The incremental pass under way.
+  // The incremental shuffle under way.
   struct pass_state {
     bool active = false;
     std::vector<std::uint32_t> order;
@@ -75,29 +86,27 @@ struct shuffler::impl {
   std::vector<detail::request> reqs;
 
   std::uint64_t ops = 0;
-  std::size_t live_entries = 0, live_bytes = 0, pinned = 0, pending_free = 0;
-  std::uint64_t shuffles = 0, bytes_moved = 0, encryptions = 0, decryptions = 0,
-                key_rotations = 0, integrity_failures = 0, relocated_on_return = 0;
-  std::chrono::nanoseconds shuffle_time{0};
+  // Every counter of stats() that the heap and the table do not keep themselves.
+  shuffler_stats counters;
 
   std::size_t stored_bytes(const entry& e) const noexcept { return e.size + tag_bytes; }
   std::byte* plaintext_of(const entry& e) const noexcept {
-    return opt.plaintext_resource != nullptr ? reinterpret_cast<std::byte*>(static_cast<std::uintptr_t>(e.aux))
-                                             : e.data;
+    return window_resource != nullptr ? reinterpret_cast<std::byte*>(static_cast<std::uintptr_t>(e.aux)) : e.data;
   }
   // Whether renting or returning the entry does work outside the lock.
-  bool needs_work() const noexcept { return encrypting || opt.plaintext_resource != nullptr; }
-
-  // --- keys -------------------------------------------------------------------------
-
-  // Null key or salt: a random one. (Pointers, so no copy of a key is left behind.)
-  std::uint16_t add_key(const key_type* key, const salt_type* salt);
-
-  void drop_user(std::uint16_t id) noexcept;
-  // A key that is not current and that no entry needs any more is destroyed (wiped).
-  void drop_if_unused(std::uint16_t id) noexcept;
+  bool needs_work() const noexcept { return encrypting || window_resource != nullptr; }
+  std::span<const std::byte> aad_span(const std::array<std::byte, 8>& aad) const noexcept {
+    return tag_bytes != 0 ? std::span<const std::byte>(aad) : std::span<const std::byte>();
+  }
+  shuffler_stats stats() const noexcept;
 
   // --- entries ------------------------------------------------------------------------
+
+  handle alloc(std::size_t bytes, std::size_t alignment);
+  // Returns false when the entry's last lease is ending (sealing): wait, then call again.
+  bool free(handle h);
+  // free for sealed<T>: now, or when the last lease ends; never throws.
+  void free_when_returned(handle h) noexcept;
 
   entry& find_live(handle h);
 
@@ -106,7 +115,7 @@ struct shuffler::impl {
   // Frees slot i: its handles are invalid at once, its bytes wait for the next shuffle.
   void doom(std::uint32_t i) noexcept;
 
-  // An entry left open with no lease (its encryption failed) is freed: wipe its plaintext.
+  // An open entry is freed: wipe its plaintext.
   void doom_open(std::uint32_t i) noexcept;
 
   // --- policies -----------------------------------------------------------------------
@@ -122,7 +131,8 @@ struct shuffler::impl {
   // --- shuffling ----------------------------------------------------------------------
 
   void timed(std::chrono::steady_clock::time_point t0) {
-    shuffle_time += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
+    counters.shuffle_time +=
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
   }
 
   // A full shuffle, rolling (docs/design.md, "Heap"): the entries at rest leave their
@@ -130,7 +140,7 @@ struct shuffler::impl {
   // in random order within each, and every arena emptied this way is a destination for
   // the windows after it. So the upstream holds the heap plus a few arenas at the
   // peak, and memory it already had is reused instead of fresh pages.
-  void shuffle_all();
+  void shuffle();
 
   // One pass over the slots: the entries at rest go to their arena's run of plan (each
   // arena's run is as long as the entries it holds, so nothing is sorted), the freed
@@ -154,60 +164,110 @@ struct shuffler::impl {
   // of everything at once, as a full shuffle does; each step is all or nothing.
   void compact();
 
-  // One step of the incremental pass: moves at most about budget bytes (one entry at
+  // One step of the incremental shuffle: moves at most about budget bytes (one entry at
   // least); the pass's first step draws its order, its last gives emptied arenas back.
-  void shuffle_step(std::size_t budget);
+  void shuffle(std::size_t budget);
 
   // Shuffle on return: the entry alone moves to a new place; without memory it stays.
   void relocate(std::uint32_t i) noexcept;
 
+  // --- rent and return ----------------------------------------------------------------
+
+  enum class outcome : std::uint8_t { done, altered, no_memory };
+  enum class pinned : std::uint8_t { done, busy, work };
+
+  // A rent whose first lease decrypts outside the lock.
+  struct open_job {
+    handle h;
+    std::size_t size, alignment;  // of the type rented
+    std::uint32_t index = 0;
+    std::byte* data = nullptr;
+    std::byte* window = nullptr;  // null: in place
+    std::size_t bytes = 0;        // of the entry
+    std::uint64_t seq = 0;
+    bool written = false;
+    const key_slot* key = nullptr;  // null: nothing to decrypt
+    outcome result = outcome::done;
+    rented out{nullptr, 0};
+  };
+  // done: out is set; busy: the entry is in transition, wait and call again.
+  pinned pin_for_rent(open_job& job);
+  void open_outside(open_job& job) const noexcept;
+  // out is set; throws integrity_error or std::bad_alloc, the entry back at rest as it was.
+  void commit_rent(open_job& job);
+
+  // A return whose last lease encrypts outside the lock, under the current key.
+  struct seal_job {
+    handle h;
+    std::uint32_t index = 0;
+    std::uint16_t key_id = detail::no_key;
+    std::uint64_t seq = 0;
+    std::byte* data = nullptr;
+    std::byte* window = nullptr;
+    std::size_t bytes = 0;
+    outcome result = outcome::done;
+  };
+  pinned pin_for_return(seal_job& job);
+  void seal_outside(seal_job& job) const noexcept;
+  // Throws std::bad_alloc when the cipher ran out of memory (the entry stays open).
+  void commit_return(seal_job& job);
+
   // --- rotation -----------------------------------------------------------------------
 
-  // Re-encryption runs in batches of about this many bytes: under the lock a batch of
+  // Re-encryption runs in batches of at most this many bytes: under the lock a batch of
   // entries at rest under an older key is marked sealing (nobody else touches their
   // bytes then) and given counter values; outside it the batch is re-encrypted in a
-  // scratch buffer and copied back; under the lock again each entry is committed. So a
-  // rotation of a large heap holds the lock only for bookkeeping, never for its AES work.
+  // scratch buffer of secret memory and copied back; under the lock again each entry
+  // is committed. So a rotation holds the lock only for bookkeeping, never for its AES
+  // work, and no more than a batch of plaintext exists at once (a CTR entry larger than
+  // a batch is re-encrypted a batch of it at a time; a GCM one needs its whole size).
   static constexpr std::size_t rotation_batch_bytes = 64 * 1024;
   static constexpr std::size_t rotation_batch_entries = 256;
 
   struct reseal {
     std::uint32_t index;
     handle h;  // read under the lock: the table may grow while the batch is worked on
-    // The old key twice: the pointer for the AES work outside the lock (the keys vector
-    // may reallocate meanwhile), the id to drop its user once committed.
+    // The old key twice: the pointer for the AES work outside the lock (the key ring
+    // may grow meanwhile), the id to drop its user once committed.
     const key_slot* from;
-    std::uint16_t from_id;
+    std::uint16_t from_id, to_id;
     std::uint64_t from_seq, to_seq;
     std::byte* data;
     std::size_t size, offset;  // offset: where it is worked on in the scratch buffer
-    enum class outcome : std::uint8_t { done, altered, no_memory } result;
+    outcome result;
   };
 
-  void rotate(const key_type* key, const salt_type* salt, std::unique_lock<std::mutex>& lk);
+  // The scratch buffer of a rotation, from secret memory (or the plaintext_resource).
+  class scratch_buffer {
+   public:
+    explicit scratch_buffer(std::pmr::memory_resource* r) noexcept : r_(r) {}
+    ~scratch_buffer() { reset(0); }
+    scratch_buffer(const scratch_buffer&) = delete;
+    scratch_buffer& operator=(const scratch_buffer&) = delete;
+    void reset(std::size_t bytes);  // wipes the old contents; on std::bad_alloc empty
+    std::span<std::byte> bytes() const noexcept { return {p_, n_}; }
 
-  // Marks the next entries (from slot cursor on) to move to key `to`; returns where the
-  // walk stops. The scratch buffer grows for an entry larger than it, alone in its batch.
-  std::uint32_t mark_batch(std::uint32_t cursor, std::uint16_t to, std::vector<reseal>& batch,
-                           CryptoPP::SecByteBlock& scratch);
+   private:
+    std::pmr::memory_resource* r_;
+    std::byte* p_ = nullptr;
+    std::size_t n_ = 0;
+  };
+  std::pmr::memory_resource* scratch_resource() const noexcept;
 
+  // A new current key; returns whether entries under older keys must be re-encrypted.
+  // Everything that can fail comes first: on an exception nothing changed.
+  bool begin_rotation(const key_type* key, const salt_type* salt, scratch_buffer& scratch,
+                      std::vector<reseal>& batch);
+  // Marks the next entries (from slot cursor on) to move to the current key; returns
+  // where the walk stops.
+  std::uint32_t mark_batch(std::uint32_t cursor, std::vector<reseal>& batch, scratch_buffer& scratch);
   // Outside the lock: decrypt a copy under the old key, encrypt it under the new one, and
   // copy it back only when whole, so a failure leaves the entry as it was.
   void reencrypt(reseal& r, const key_slot& k, std::span<std::byte> scratch) const noexcept;
-
   // Returns whether every entry of the batch moved to the new key or was found altered.
   bool commit_batch(std::span<const reseal> batch, std::uint16_t to) noexcept;
-
-  std::span<const std::byte> aad_span(const std::array<std::byte, 8>& aad) const noexcept {
-    return tag_bytes != 0 ? std::span<const std::byte>(aad) : std::span<const std::byte>();
-  }
-
-  void maybe_rotate(std::unique_lock<std::mutex>& lk) noexcept;
-
-  // --- rent and return ----------------------------------------------------------------
-
-  rented rent(handle h, std::size_t size, std::size_t alignment);
-  void give_back(handle h);
+  // Whether rotate_key_every asks for a rotation now.
+  bool rotation_due() const noexcept;
 };
 
 }  // namespace memshuffle

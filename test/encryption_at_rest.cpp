@@ -4,6 +4,7 @@
 // the seed library's faults: a shared counter block, keystream reused on return, no
 // authentication, moved-from copies not wiped, the key left behind.
 #include <doctest/doctest.h>
+#include <test/support/seed.hpp>
 
 #include <memshuffle/secure_page_resource.hpp>
 #include <memshuffle/shuffler.hpp>
@@ -101,6 +102,7 @@ bytes get(shuffler& s, handle h) {
 }
 
 // Where the entry lives in its arena (leases decrypt in place without a plaintext window).
+// Where an entry lies in its arena: a shuffler that decrypts in place shows it.
 std::byte* address_of(shuffler& s, handle h) { return s.rent<std::byte>(h).get(); }
 
 const memshuffle::key_type fixed_key = [] {
@@ -118,12 +120,12 @@ const char* name(cipher_kind k) { return k == cipher_kind::aes_256_gcm ? "AES-25
 
 TEST_SUITE("crypto") {
 
-TEST_CASE("a secret is ciphertext in upstream memory at rest, plaintext only while rented, and gone after free") {
+TEST_CASE("decrypting in place, a secret is ciphertext in upstream memory at rest, plaintext only while rented, and gone after free") {
   for (auto kind : ciphers) {
     CAPTURE(name(kind));
     scanned_upstream upstream;
     {
-      shuffler s({.cipher = kind, .arena_size = 4096}, &upstream);
+      shuffler s({.cipher = kind, .arena_size = 4096, .plaintext_in_place = true}, &upstream);
       std::vector<handle> hs;
       for (int i = 0; i < 50; ++i) {
         hs.push_back(s.alloc<std::byte>(32));
@@ -176,13 +178,12 @@ TEST_CASE("without a cipher, the bytes an entry leaves on a move or a free are w
 TEST_CASE("re-encrypting a mutated entry never reuses its keystream") {
   // With a reused keystream, ciphertext1 XOR ciphertext2 would equal plaintext1 XOR
   // plaintext2 (the seed library re-encrypted every return with the same counters).
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 rng(seed);
   for (auto kind : ciphers) {
     CAPTURE(name(kind));
     scanned_upstream upstream;
-    shuffler s({.cipher = kind, .key = fixed_key, .salt = fixed_salt}, &upstream);
+    shuffler s({.cipher = kind, .key = fixed_key, .salt = fixed_salt, .plaintext_in_place = true}, &upstream);
     const handle h = s.alloc<std::byte>(256);
     bytes p1 = random_bytes(rng, 256);
     put(s, h, p1);
@@ -212,7 +213,8 @@ TEST_CASE("no keystream block is used twice, across entries and across re-encryp
   // second block and entry 1's first block shared keystream. Zeros encrypt to the
   // keystream itself, so every 16-byte block of every ciphertext must be distinct.
   scanned_upstream upstream;
-  shuffler s({.cipher = cipher_kind::aes_256_ctr, .key = fixed_key, .salt = fixed_salt}, &upstream);
+  shuffler s({.cipher = cipher_kind::aes_256_ctr, .key = fixed_key, .salt = fixed_salt, .plaintext_in_place = true},
+             &upstream);
   const bytes zeros(64);
   std::vector<handle> hs;
   for (int i = 0; i < 64; ++i) hs.push_back(s.alloc<std::byte>(64));
@@ -234,7 +236,7 @@ TEST_CASE("no keystream block is used twice, across entries and across re-encryp
 
 TEST_CASE("GCM reports one altered ciphertext or tag byte, and the shuffler stays usable") {
   scanned_upstream upstream;
-  shuffler s({.cipher = cipher_kind::aes_256_gcm}, &upstream);
+  shuffler s({.cipher = cipher_kind::aes_256_gcm, .plaintext_in_place = true}, &upstream);
   const handle victim = s.alloc<std::byte>(48), bystander = s.alloc<std::byte>(48);
   put(s, victim, marker(1));
   put(s, bystander, marker(2));
@@ -258,7 +260,7 @@ TEST_CASE("GCM reports one altered ciphertext or tag byte, and the shuffler stay
 
 TEST_CASE("GCM detects two entries' ciphertexts swapped and an old ciphertext replayed") {
   scanned_upstream upstream;
-  shuffler s({.cipher = cipher_kind::aes_256_gcm}, &upstream);
+  shuffler s({.cipher = cipher_kind::aes_256_gcm, .plaintext_in_place = true}, &upstream);
   const handle a = s.alloc<std::byte>(32), b = s.alloc<std::byte>(32);
   put(s, a, marker(10));
   put(s, b, marker(11));
@@ -290,7 +292,7 @@ TEST_CASE("key rotation, random and fixed, keeps every value, also with leases o
   for (auto kind : ciphers) {
     CAPTURE(name(kind));
     scanned_upstream upstream;
-    shuffler s({.cipher = kind}, &upstream);
+    shuffler s({.cipher = kind, .plaintext_in_place = true}, &upstream);
     std::vector<handle> hs;
     std::vector<bytes> model;
     for (int i = 0; i < 100; ++i) {
@@ -452,7 +454,7 @@ TEST_CASE("threads rent, write, read and free with encryption on while another s
   CAPTURE(seed);
   for (auto kind : ciphers) {
     CAPTURE(name(kind));
-    shuffler s({.cipher = kind, .shuffle_on_borrow_return = true, .arena_size = 16 * 1024});
+    shuffler s({.cipher = kind, .shuffle_on_return = true, .arena_size = 16 * 1024});
     constexpr int workers = 3, per_worker = 40, rounds = 300;
     std::vector<std::vector<handle>> owned(workers);
     for (auto& v : owned)
@@ -511,3 +513,68 @@ TEST_CASE("threads rent, write, read and free with encryption on while another s
 }
 
 }  // TEST_SUITE("concurrency")
+
+TEST_SUITE("crypto") {
+
+TEST_CASE("by default a lease shows its plaintext in secret memory, never in upstream memory") {
+  for (auto kind : ciphers) {
+    CAPTURE(name(kind));
+    scanned_upstream upstream;
+    shuffler s({.cipher = kind}, &upstream);
+    const handle h = s.alloc<std::byte>(32);
+    {
+      auto l = s.rent<std::byte>(h);
+      const bytes m = marker(3);
+      std::copy(m.begin(), m.end(), l.get());
+      for (const auto& b : upstream.history()) {
+        const auto* first = static_cast<const std::byte*>(b.p);
+        CHECK_FALSE((l.get() >= first && l.get() < first + b.bytes));
+      }
+      CHECK(occurrences(upstream, marker(3)) == 0);
+    }
+    CHECK(occurrences(upstream, marker(3)) == 0);
+    CHECK(get(s, h) == marker(3));
+  }
+}
+
+TEST_CASE("decrypting in place and a plaintext_resource exclude each other") {
+  recording_resource window;
+  CHECK_THROWS_AS(shuffler({.plaintext_resource = &window, .plaintext_in_place = true}), std::invalid_argument);
+  CHECK(window.allocations() == 0);
+}
+
+TEST_CASE("a key rotation works in a batch-sized buffer from the plaintext_resource, also for an entry larger than a batch") {
+  // It once grew a scratch buffer in the ordinary heap to the largest entry, ignoring
+  // the option: a whole large secret in plaintext there while the rotation ran.
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 rng(seed);
+  scanned_upstream upstream;
+  scanned_upstream window;
+  shuffler s({.cipher = cipher_kind::aes_256_ctr, .plaintext_resource = &window}, &upstream);
+  constexpr std::size_t large = 1 << 20;
+  bytes big;
+  big.reserve(large);  // no freed copy of it in the heap, for the arenas to reuse unwiped
+  while (big.size() < large) {
+    const bytes m = marker(static_cast<int>(big.size() / 32 % 100));
+    big.insert(big.end(), m.begin(), m.end());
+  }
+  const handle hb = s.alloc<std::byte>(large);
+  put(s, hb, big);
+  std::vector<std::pair<handle, bytes>> small;
+  for (int i = 0; i < 100; ++i) {
+    small.emplace_back(s.alloc<std::byte>(64), random_bytes(rng, 64));
+    put(s, small.back().first, small.back().second);
+  }
+  CHECK(occurrences(upstream, marker(0)) == 0);
+  const std::size_t before = window.history().size();
+  s.rotate_key();
+  const auto blocks = window.history();
+  REQUIRE(blocks.size() > before);  // the rotation worked in the plaintext_resource
+  for (std::size_t i = before; i < blocks.size(); ++i) CHECK(blocks[i].bytes <= 64 * 1024);
+  CHECK(occurrences(upstream, marker(0)) == 0);
+  CHECK(s.stats().key_rotations == 1);
+  CHECK(get(s, hb) == big);
+  for (const auto& [h, v] : small) CHECK(get(s, h) == v);
+}
+
+}  // TEST_SUITE

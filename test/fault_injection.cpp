@@ -60,7 +60,7 @@ struct fixture {
 
   explicit fixture(cipher_kind cipher, bool windows = false, bool on_return = false) {
     s.emplace(shuffler_options{.cipher = cipher,
-                               .shuffle_on_borrow_return = on_return,
+                               .shuffle_on_return = on_return,
                                .arena_size = 1024,
                                .plaintext_resource = windows ? &window : nullptr},
               &upstream);
@@ -109,7 +109,7 @@ struct fixture {
     st.arenas = stats.arenas;
     st.upstream_bytes = upstream.stats().current_bytes;
     st.upstream_allocations = upstream.stats().current_allocations;
-    s->set_shuffle_on_borrow_return(false);
+    s->set_shuffle_on_return(false);
     for (handle h : all) {
       st.valid.push_back(s->valid(h));
       if (!s->valid(h)) continue;
@@ -120,7 +120,7 @@ struct fixture {
     return st;
   }
 
-  void restore_policy(bool on_return) { s->set_shuffle_on_borrow_return(on_return); }
+  void restore_policy(bool on_return) { s->set_shuffle_on_return(on_return); }
 
   // The values the model expects, as observe() reports them.
   void check_values(const state& st) const {

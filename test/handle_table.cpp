@@ -1,6 +1,8 @@
 // The handle table alone: generations, tags and slot reuse.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <memory_resource>
 #include <random>
 #include <set>
 
@@ -122,6 +124,78 @@ TEST_CASE("a free slot is reused before the table grows") {
   drop(t, a);
   CHECK(take(t) == a);
   CHECK(t.slots() == 2);
+}
+
+}  // TEST_SUITE
+
+TEST_SUITE("shuffler") {
+
+namespace {
+
+// Counts the blocks given back with anything but zeros in them.
+class wipe_checking_resource : public std::pmr::memory_resource {
+ public:
+  std::size_t dirty = 0, returned = 0;
+
+ private:
+  void* do_allocate(std::size_t bytes, std::size_t alignment) override {
+    return std::pmr::new_delete_resource()->allocate(bytes, alignment);
+  }
+  void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override {
+    const auto* b = static_cast<const unsigned char*>(p);
+    ++returned;
+    if (std::any_of(b, b + bytes, [](unsigned char c) { return c != 0; })) ++dirty;
+    std::pmr::new_delete_resource()->deallocate(p, bytes, alignment);
+  }
+  bool do_is_equal(const std::pmr::memory_resource& o) const noexcept override { return this == &o; }
+};
+
+}  // namespace
+
+TEST_CASE("storage the table gives back when it grows, or when it ends, is wiped first") {
+  wipe_checking_resource storage;
+  {
+    handle_table t(5, 0, &storage);
+    for (int i = 0; i < 1000; ++i) {
+      const std::uint32_t k = take(t);
+      t[k].data = reinterpret_cast<std::byte*>(std::uintptr_t{0x1234'5678'9ABC} + k);  // an entry address
+      t[k].aux = 0xFEED'F00D + k;                                                         // a counter
+    }
+    CHECK(storage.returned >= 4);  // 64 -> 128 -> ... -> 1024 slots
+  }
+  CHECK(storage.dirty == 0);
+}
+
+TEST_CASE("a table with a first generation hands out no handle below it") {
+  handle_table t(9, 12345);
+  const std::uint32_t i = take(t);
+  const handle h = t.handle_of(i);
+  CHECK(t.find(h) == &t[i]);
+  CHECK(t.generations_used() == 12346);
+  handle_table older(9);
+  const handle old = older.handle_of(take(older));
+  CHECK(t.find(old) == nullptr);
+}
+
+TEST_CASE("the tag registry gives a tag to one table at a time, and never below its generations used") {
+  std::vector<memshuffle::detail::tag_grant> held;
+  std::set<std::uint16_t> tags;
+  for (int i = 0; i < 1000; ++i) {
+    held.push_back(memshuffle::detail::acquire_tag());
+    CHECK(held.back().tag != 0);
+    CHECK(tags.insert(held.back().tag).second);
+  }
+  const auto again = held.front();
+  for (const auto& g : held) memshuffle::detail::release_tag(g.tag, g.first_generation + 77);
+  // Every tag comes back in time; the one seen first must start above what it used.
+  for (int i = 0; i < 0x10000; ++i) {
+    const auto g = memshuffle::detail::acquire_tag();
+    memshuffle::detail::release_tag(g.tag, g.first_generation);
+    if (g.tag == again.tag) {
+      CHECK(g.first_generation >= again.first_generation + 77);
+      break;
+    }
+  }
 }
 
 }  // TEST_SUITE

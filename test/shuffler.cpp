@@ -10,7 +10,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <iostream>
 #include <map>
+#include <memory>
+#include <set>
+#include <span>
 #include <random>
 #include <string>
 #include <thread>
@@ -19,7 +24,9 @@
 #include <memshuffle/shuffler.hpp>
 #include <memshuffle/tracking_resource.hpp>
 
+#include "test/support/child_process.hpp"
 #include "test/support/recording_resource.hpp"
+#include "test/support/seed.hpp"
 
 #include <memshuffle/detail/sanitizers.hpp>
 #ifdef MEMSHUFFLE_ASAN
@@ -37,14 +44,6 @@ struct alignas(16) u128 {
 struct alignas(4096) page {
   std::uint64_t words[8];
 };
-
-// The seed of a randomized test: MEMSHUFFLE_SEED when set (to replay a failure),
-// otherwise a fresh one. Tests CAPTURE it so a failure prints it.
-std::uint64_t test_seed() {
-  if (const char* s = std::getenv("MEMSHUFFLE_SEED")) return std::strtoull(s, nullptr, 10);
-  std::random_device rd;
-  return (std::uint64_t{rd()} << 32) | rd();
-}
 
 bool aligned(const void* p, std::size_t a) { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
 
@@ -199,15 +198,16 @@ void run_model(shuffler_options options, std::uint64_t seed, int steps) {
 TEST_SUITE("shuffler") {
 
 TEST_CASE("a random mix of alloc, create, free, rent, mutate, write and shuffle matches a model") {
-  const std::uint64_t seed = test_seed();
+  MEMSHUFFLE_TEST_SEED(seed);
   for (cipher_kind c : all_ciphers) {
     for (int variant = 0; variant < 4; ++variant) {
       CAPTURE(static_cast<int>(c));
       CAPTURE(variant);
       shuffler_options o{.cipher = c,
-                         .shuffle_on_borrow_return = (variant & 1) != 0,
+                         .shuffle_on_return = (variant & 1) != 0,
                          .arena_size = 16 * 1024};
       if ((variant & 2) != 0) o.plaintext_resource = std::pmr::new_delete_resource();  // replaced in run_model
+      else o.plaintext_in_place = true;
       run_model(o, seed + static_cast<std::uint64_t>(variant), 700);
     }
   }
@@ -220,7 +220,7 @@ TEST_CASE("fresh entries read as zeros under every cipher, in place and in a win
       CAPTURE(static_cast<int>(c));
       // A dirty upstream: the shuffler must not show what was in the memory before.
       tracking_resource dirty(tracking_options{.fill_on_allocate = std::byte{0xAB}});
-      shuffler s({.cipher = c, .plaintext_resource = window}, &dirty);
+      shuffler s({.cipher = c, .plaintext_resource = window, .plaintext_in_place = window == nullptr}, &dirty);
       const handle h = s.alloc<std::uint64_t>(100);
       auto l = s.rent<std::uint64_t>(h);
       CHECK(std::all_of(l.span().begin(), l.span().end(), [](std::uint64_t v) { return v == 0; }));
@@ -229,7 +229,7 @@ TEST_CASE("fresh entries read as zeros under every cipher, in place and in a win
 }
 
 TEST_CASE("a long-lived entry keeps its value across thousands of shuffles and churn") {
-  const std::uint64_t seed = test_seed();
+  MEMSHUFFLE_TEST_SEED(seed);
   CAPTURE(seed);
   std::mt19937_64 rng(seed);
   shuffler s({.arena_size = 8 * 1024});
@@ -275,7 +275,7 @@ TEST_CASE("u64, double, 128-bit and 4096-aligned entries stay aligned after ever
     check_all();
     s.shuffle(3000);
     check_all();
-    s.set_shuffle_on_borrow_return(round % 2 == 0);  // each rent in check_all moves on return
+    s.set_shuffle_on_return(round % 2 == 0);  // each rent in check_all moves on return
     check_all();
   }
   // The values survive too.
@@ -305,7 +305,7 @@ TEST_CASE("a rented entry keeps its address across shuffles until it is returned
 }
 
 TEST_CASE("shuffle on return moves the returned entry alone to a new address") {
-  shuffler s({.cipher = cipher_kind::none, .shuffle_on_borrow_return = true});
+  shuffler s({.cipher = cipher_kind::none, .shuffle_on_return = true, .plaintext_in_place = true});
   const handle h = s.alloc<std::uint64_t>(8);
   const handle other = s.alloc<std::uint64_t>(8);
   int changed = 0;
@@ -329,7 +329,7 @@ TEST_CASE("shuffle on return moves the returned entry alone to a new address") {
 
 TEST_CASE("when a move on return finds no memory the entry stays where it is") {
   recording_resource up;
-  shuffler s({.shuffle_on_borrow_return = true, .arena_size = 1024}, &up);
+  shuffler s({.shuffle_on_return = true, .arena_size = 1024}, &up);
   const handle h = s.alloc<std::byte>(1000);  // fills the arena: the move needs a new one
   std::byte* before = s.rent_pointer<std::byte*>(h);
   before[0] = std::byte{5};
@@ -469,7 +469,7 @@ TEST_CASE("a freed handle is invalid at once, before any shuffle") {
 }
 
 TEST_CASE("every bad call raises its error and leaves the shuffler unchanged") {
-  const std::uint64_t seed = test_seed();
+  MEMSHUFFLE_TEST_SEED(seed);
   CAPTURE(seed);
   std::mt19937_64 rng(seed);
   for (cipher_kind c : all_ciphers) {
@@ -616,7 +616,8 @@ TEST_CASE("with randomize_layout every shuffle lays the entries out in a fresh r
     for (int run = 0; run < 3; ++run) {  // each shuffler draws its own layout seed
       CAPTURE(randomize);
       CAPTURE(run);
-      shuffler s({.cipher = cipher_kind::none, .randomize_layout = randomize, .arena_size = 4 * 1024});
+      shuffler s({.cipher = cipher_kind::none, .randomize_layout = randomize, .arena_size = 4 * 1024,
+                  .plaintext_in_place = true});
       std::vector<handle> hs;
       for (std::size_t i = 0; i < count; ++i) hs.push_back(s.alloc<std::uint64_t>(1 + i % 3));
       std::vector<double> allocation(count);
@@ -687,7 +688,7 @@ TEST_CASE("a full shuffle reuses the arenas it empties: the upstream lends a few
 
 TEST_CASE("a full shuffle moves every entry but a pinned one, and lays them out in a fresh random order") {
   constexpr std::size_t count = 20000;  // 16 bytes each: about 80 arenas of 4 KiB
-  shuffler s({.cipher = cipher_kind::none, .arena_size = 4 * 1024});
+  shuffler s({.cipher = cipher_kind::none, .arena_size = 4 * 1024, .plaintext_in_place = true});
   std::vector<handle> hs;
   for (std::uint64_t i = 0; i < count; ++i) {
     hs.push_back(s.alloc<std::uint64_t>(2));
@@ -727,7 +728,9 @@ TEST_CASE("shuffle_every moves every entry arena by arena, never holding two cop
   tracking_resource track;
   // Each entry: an alloc and a write (a rent and a return), then a rent and a return to
   // read its address: 5 operations. The next one after those shuffles.
-  shuffler s({.cipher = cipher_kind::none, .shuffle_every = 5 * count + 1, .arena_size = arena}, &track);
+  shuffler s({.cipher = cipher_kind::none, .shuffle_every = 5 * count + 1, .arena_size = arena,
+              .plaintext_in_place = true},
+             &track);
   std::vector<handle> hs;
   for (std::uint64_t i = 0; i < count; ++i) {
     hs.push_back(s.alloc<std::uint64_t>(8));
@@ -752,7 +755,7 @@ TEST_CASE("shuffle_every moves every entry arena by arena, never holding two cop
 }
 
 TEST_CASE("running out of memory inside a shuffle changes nothing") {
-  const std::uint64_t seed = test_seed();
+  MEMSHUFFLE_TEST_SEED(seed);
   CAPTURE(seed);
   std::mt19937_64 rng(seed);
   for (cipher_kind c : all_ciphers) {
@@ -795,7 +798,7 @@ TEST_CASE("running out of memory inside a shuffle changes nothing") {
 }
 
 TEST_CASE("after 1000 shuffles of a steady heap reserved bytes stay within 1.1 x live plus one arena") {
-  const std::uint64_t seed = test_seed();
+  MEMSHUFFLE_TEST_SEED(seed);
   CAPTURE(seed);
   std::mt19937_64 rng(seed);
   const std::size_t arena = 16 * 1024;
@@ -987,19 +990,119 @@ TEST_CASE("under the address sanitizer a raw pointer kept past a move is poisone
   s.return_pointer(h);
   s.shuffle();
   CHECK(__asan_address_is_poisoned(stale));
-  s.set_shuffle_on_borrow_return(true);
+  s.set_shuffle_on_return(true);
   std::uint64_t* again = s.rent_pointer<std::uint64_t*>(h);
   s.return_pointer(h);  // moves it alone
   CHECK(__asan_address_is_poisoned(again));
 }
 #endif
 
+
+// --- fork ---------------------------------------------------------------------------
+
+TEST_CASE("in a child of fork() every call throws fork_error, and ending the shuffler there touches nothing") {
+  for (auto c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm, cipher_kind::none}) {
+    CAPTURE(static_cast<int>(c));
+    recording_resource up, window;
+    auto s = std::make_unique<shuffler>(shuffler_options{.cipher = c, .plaintext_resource = &window}, &up);
+    const handle h = s->create<std::uint64_t>();
+    const handle open = s->create<std::uint64_t>();
+    const std::array<std::uint64_t, 1> answer{42};
+    s->write(h, std::as_bytes(std::span(answer)));
+    auto lease = s->rent<std::uint64_t>(open);  // a window open at the fork
+    *lease = 7;
+    const int status = memshuffle::testing::run_in_child([&] {
+      const auto up_calls = up.allocations() + up.deallocations();
+      const auto window_calls = window.allocations() + window.deallocations();
+      int refused = 0;
+      const auto expect_fork_error = [&](auto&& call) {
+        try {
+          call();
+        } catch (const fork_error&) {
+          ++refused;
+        } catch (...) {
+        }
+      };
+      expect_fork_error([&] { (void)s->create<int>(); });
+      expect_fork_error([&] { (void)s->rent<std::uint64_t>(h); });
+      expect_fork_error([&] { s->return_pointer(open); });
+      expect_fork_error([&] { s->free(h); });
+      expect_fork_error([&] { (void)s->size_of(h); });
+      expect_fork_error([&] { s->shuffle(); });
+      expect_fork_error([&] { s->shuffle(64); });
+      expect_fork_error([&] { s->rotate_key(); });
+      expect_fork_error([&] { s->set_shuffle_on_return(true); });
+      expect_fork_error([&] { (void)s->stats(); });
+      const bool none_valid = !s->valid(h) && !s->valid(open);
+      lease.reset();  // ends quietly
+      s.reset();      // abandoned: no upstream or window call, no wipe of the parent's data
+      return refused == 10 && none_valid && up.allocations() + up.deallocations() == up_calls &&
+             window.allocations() + window.deallocations() == window_calls;
+    });
+    CHECK_MESSAGE(memshuffle::testing::exited_with(status, 0), memshuffle::testing::describe(status));
+    // The parent goes on unaffected.
+    CHECK(*lease == 7);
+    lease.reset();
+    std::array<std::uint64_t, 1> v{};
+    s->read(h, std::as_writable_bytes(std::span(v)));
+    CHECK(v[0] == 42);
+    s->rotate_key();
+    s->shuffle();
+    s->read(open, std::as_writable_bytes(std::span(v)));
+    CHECK(v[0] == 7);
+  }
+}
+
+TEST_CASE("a static shuffler ends at exit in a child of fork() without a crash") {
+  static shuffler s;  // made in the parent, destroyed at the child's exit
+  static const handle h = s.create<std::uint64_t>();
+  const std::array<std::uint64_t, 1> nine{9};
+  s.write(h, std::as_bytes(std::span(nine)));
+  const int status = memshuffle::testing::run_in_child([&] {
+    std::cout.flush();
+    std::exit(s.valid(h) ? 1 : 0);  // runs the static destructors in the child
+    return false;
+  });
+  CHECK_MESSAGE(memshuffle::testing::exited_with(status, 0), memshuffle::testing::describe(status));
+  std::array<std::uint64_t, 1> v{};
+  s.read(h, std::as_writable_bytes(std::span(v)));
+  CHECK(v[0] == 9);
+}
+
+// --- tags -----------------------------------------------------------------------------
+
+TEST_CASE("a handle is never valid in another shuffler, however many shufflers the process makes") {
+  // A 16-bit tag from a counter once repeated after 65,535 more shufflers, and a handle
+  // of one shuffler then read another's entry.
+  shuffler first({.cipher = cipher_kind::none});
+  const handle kept = first.create<std::uint32_t>();
+  std::set<std::uint64_t> seen{static_cast<std::uint64_t>(kept)};
+  std::deque<std::pair<std::unique_ptr<shuffler>, handle>> overlapping;
+  std::size_t foreign_valid = 0, repeated = 0;
+  constexpr int total = 70'000;
+  for (int i = 0; i < total; ++i) {
+    auto s = std::make_unique<shuffler>(shuffler_options{.cipher = cipher_kind::none});
+    const handle h = s->create<std::uint32_t>();
+    if (!seen.insert(static_cast<std::uint64_t>(h)).second) ++repeated;
+    if (s->valid(kept)) ++foreign_valid;
+    if (!overlapping.empty() && (s->valid(overlapping.back().second) || overlapping.back().first->valid(h)))
+      ++foreign_valid;
+    if (i % 3 == 0) {  // a third overlap with the next 64 made, the rest end at once
+      overlapping.emplace_back(std::move(s), h);
+      if (overlapping.size() > 64) overlapping.pop_front();
+    }
+  }
+  CHECK(foreign_valid == 0);
+  CHECK(repeated == 0);
+  CHECK(first.valid(kept));
+}
+
 }  // TEST_SUITE
 
 TEST_SUITE("concurrency") {
 
 TEST_CASE("several threads allocate, rent, mutate, return, free and shuffle at once") {
-  const std::uint64_t seed = test_seed();
+  MEMSHUFFLE_TEST_SEED(seed);
   CAPTURE(seed);
   for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm, cipher_kind::none}) {
     CAPTURE(static_cast<int>(c));

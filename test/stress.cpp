@@ -80,7 +80,7 @@ void run(const config& cfg, std::uint64_t seed) {
   failures fails;
   std::size_t private_left = 0, private_bytes = 0;
   std::optional<shuffler> owner;
-  owner.emplace(shuffler_options{.cipher = cfg.cipher, .shuffle_on_borrow_return = cfg.on_return,
+  owner.emplace(shuffler_options{.cipher = cfg.cipher, .shuffle_on_return = cfg.on_return,
                                  .arena_size = 4096},
                 &upstream);
   shuffler& s = *owner;

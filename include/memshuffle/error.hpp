@@ -6,44 +6,51 @@
 
 namespace memshuffle {
 
+/// The base of every exception memshuffle throws itself.
 class error : public std::runtime_error {
  public:
+  /// \effects As std::runtime_error's constructors.
   using std::runtime_error::runtime_error;
   ~error() override;
 };
 
-// An invalid, unknown, stale or freed handle, or one from another shuffler.
+/// An invalid, unknown, stale or freed handle, or one from another shuffler.
 class invalid_handle_error : public error {
  public:
+  /// \effects As error's constructors.
   using error::error;
   ~invalid_handle_error() override;
 };
 
-// A return without a rent, or a free of a rented entry.
+/// A return without a rent, or a free of a rented entry.
 class lease_error : public error {
  public:
+  /// \effects As error's constructors.
   using error::error;
   ~lease_error() override;
 };
 
-// A type larger than the entry or misaligned for it, n == 0, a bad alignment.
+/// A type larger than the entry or misaligned for it, n == 0, a bad alignment.
 class type_error : public error {
  public:
+  /// \effects As error's constructors.
   using error::error;
   ~type_error() override;
 };
 
-// An authenticated cipher found the ciphertext altered.
+/// An authenticated cipher found the ciphertext altered.
 class integrity_error : public error {
  public:
+  /// \effects As error's constructors.
   using error::error;
   ~integrity_error() override;
 };
 
-// A call in a child process made by fork() on an object of the parent that holds keys
-// or secret memory: the child never encrypts under the parent's key and counter.
+/// A call in a child process made by fork() on an object of the parent that holds keys
+/// or secret memory: the child never encrypts under the parent's key and counter.
 class fork_error : public error {
  public:
+  /// \effects As error's constructors.
   using error::error;
   ~fork_error() override;
 };

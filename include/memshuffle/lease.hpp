@@ -18,17 +18,23 @@ namespace detail {
 void end_lease(shuffler& owner, handle h) noexcept;
 }  // namespace detail
 
+/// The RAII rent of one entry of a shuffler: the entry stays pinned and readable as
+/// plaintext until the lease ends. Made by shuffler::rent and sealed<T>::open.
 template <class T>
 class lease {
  public:
   using element_type = T;
 
+  /// \effects An empty lease, holding no entry.
   lease() noexcept = default;
+  /// \effects Takes over other's rent; other is empty afterwards.
   lease(lease&& other) noexcept
       : owner_(std::exchange(other.owner_, nullptr)),
         id_(other.id_),
         p_(std::exchange(other.p_, nullptr)),
         n_(std::exchange(other.n_, 0)) {}
+  /// \effects Ends this lease's rent (as reset()), then takes over other's.
+  /// \returns *this.
   lease& operator=(lease&& other) noexcept {
     if (this != &other) {
       reset();
@@ -41,22 +47,32 @@ class lease {
   }
   lease(const lease&) = delete;
   lease& operator=(const lease&) = delete;
+  /// \effects reset().
   ~lease() { reset(); }
 
-  // Ends this lease now; the lease is empty afterwards.
+  /// \effects Ends this lease now (the last lease on the entry returns it, which
+  ///   encrypts it again); the lease is empty afterwards. Never throws.
   void reset() noexcept {
     if (owner_ != nullptr) detail::end_lease(*std::exchange(owner_, nullptr), id_);
     p_ = nullptr;
     n_ = 0;
   }
 
+  /// \returns The first element of the entry's plaintext; null when empty.
   T* get() const noexcept { return p_; }
+  /// \requires The lease is not empty.
+  /// \returns The first element.
   T& operator*() const noexcept { return *p_; }
+  /// \requires The lease is not empty.
+  /// \returns get().
   T* operator->() const noexcept { return p_; }
-  // All size_of(h) / sizeof(T) elements of the entry.
+  /// \returns All size_of(h) / sizeof(T) elements of the entry.
   std::span<T> span() const noexcept { return {p_, n_}; }
+  /// \returns The number of elements (0 when empty).
   std::size_t size() const noexcept { return n_; }
+  /// \returns The handle of the rented entry.
   handle id() const noexcept { return id_; }
+  /// \returns Whether the lease holds a rent.
   explicit operator bool() const noexcept { return owner_ != nullptr; }
 
  private:

@@ -103,7 +103,7 @@ class shuffler_fuzz {
   memshuffle::shuffler_options options() {
     memshuffle::shuffler_options o;
     o.cipher = static_cast<memshuffle::cipher_kind>(in_.ConsumeIntegralInRange(0, 2));
-    o.shuffle_on_borrow_return = in_.ConsumeBool();
+    o.shuffle_on_return = in_.ConsumeBool();
     o.shuffle_every = in_.ConsumeBool() ? in_.ConsumeIntegralInRange<std::size_t>(1, 16) : 0;
     o.shuffle_above_ratio = in_.ConsumeBool() ? 1.0 + in_.ConsumeIntegralInRange(0, 20) / 10.0 : 0;
     o.randomize_layout = in_.ConsumeBool();
@@ -331,7 +331,7 @@ class shuffler_fuzz {
       }
       case 16: case 17: misuse(); break;
       case 18: with_failing_upstream(); break;
-      case 19: shuffler_.set_shuffle_on_borrow_return(in_.ConsumeBool()); break;
+      case 19: shuffler_.set_shuffle_on_return(in_.ConsumeBool()); break;
       default: {  // read: all of it, a prefix, or too much (type_error)
         auto it = pick_entry();
         if (it == entries_.end() || it->second.rents() > 0) break;

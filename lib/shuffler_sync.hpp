@@ -1,0 +1,58 @@
+#pragma once
+// The lock around the shuffler's algorithm (shuffler_impl.hpp), kept apart from it as
+// Boost's synchronized_pool_resource wraps its pool: one mutex guards the table, the
+// heap, the key ring and the statistics, and a condition variable wakes the threads
+// that wait for an entry in transition. Also the fork rule: in a child of fork() every
+// call throws fork_error, and the shuffler is abandoned, untouched, when it ends there.
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+
+#include <memshuffle/error.hpp>
+
+#include "fork_epoch.hpp"
+#include "shuffler_impl.hpp"
+
+namespace memshuffle {
+
+struct shuffler::synchronized {
+  synchronized(const shuffler_options& o, const key_type* key, const salt_type* salt, std::pmr::memory_resource* up)
+      : core(o, key, salt, up) {}
+
+  // The lock, after the fork check.
+  std::unique_lock<std::mutex> lock() const {
+    if (forked()) throw fork_error("memshuffle: a shuffler of the parent process used in a child of fork()");
+    return std::unique_lock(m);
+  }
+  bool forked() const noexcept { return detail::fork_epoch() != epoch; }
+
+  // The one sequence of every cipher call on entries: pin() under the lock marks them
+  // opening or sealing and returns whether there is work outside it; work() runs with
+  // the lock released and never throws; commit() runs under the lock again, and every
+  // thread waiting for an entry in transition is woken afterwards.
+  template <class Pin, class Work, class Commit>
+  void transition(std::unique_lock<std::mutex>& lk, Pin&& pin, Work&& work, Commit&& commit) {
+    if (!pin()) return;
+    lk.unlock();
+    work();
+    lk.lock();
+    const struct wake {
+      std::condition_variable& cv;
+      ~wake() { cv.notify_all(); }
+    } waiters{cv};
+    commit();
+  }
+
+  rented rent(handle h, std::size_t size, std::size_t alignment);
+  void give_back(std::unique_lock<std::mutex>& lk, handle h);
+  void rotate(std::unique_lock<std::mutex>& lk, const key_type* key, const salt_type* salt);
+  void maybe_rotate(std::unique_lock<std::mutex>& lk) noexcept;
+
+  mutable std::mutex m;
+  std::condition_variable cv;  // an entry left opening or sealing
+  const std::uint64_t epoch = detail::fork_epoch();
+  impl core;
+  synchronized* next_abandoned = nullptr;  // in a child of fork(): kept, never destroyed
+};
+
+}  // namespace memshuffle
