@@ -130,10 +130,10 @@ class heap {
   void plan(std::span<move> moves, std::span<const window> windows, layout_rng* rng,
             std::span<std::uint32_t> sequence);
   void drop_roomy(std::uint32_t number) noexcept;
-  void place_move(move& m, std::uint32_t source, layout_rng* rng);
+  void place_move(move& m, layout_rng* rng);
   std::uint32_t take(std::span<move> moves, const window& w, std::uint32_t& cursor, layout_rng* rng);
   bool fits(std::uint32_t number, const move& m) const noexcept;
-  std::uint32_t pick_roomy(const move& m, std::uint32_t source, layout_rng* rng) noexcept;
+  std::uint32_t pick_roomy(const move& m, layout_rng* rng) noexcept;
   void set_room(std::uint32_t number, std::uintptr_t f) noexcept;
   std::uint32_t open_destination(std::size_t alignment);
   void place_alone(move& m);

@@ -100,8 +100,8 @@ void heap::plan(std::span<move> moves, std::span<const window> windows, layout_r
                 std::span<std::uint32_t> sequence) {
   std::size_t step = 0;
   if (rng == nullptr) {
-    // In order, a draining window waits until there is room for it and for the next
-    // window, whose entries cannot go into the room they leave in their own arena.
+    // In order, a draining window waits until there is room for it and an arena to
+    // spare, so the windows read meanwhile find room.
     std::size_t deferred = 0;
     draining_.clear();
     const auto read = [&](std::uint32_t i) {
@@ -137,19 +137,19 @@ void heap::plan(std::span<move> moves, std::span<const window> windows, layout_r
 // Places a window's next move, and gives its arena, if a destination, the room it left.
 std::uint32_t heap::take(std::span<move> moves, const window& w, std::uint32_t& cursor, layout_rng* rng) {
   const std::uint32_t k = cursor++;
-  place_move(moves[k], w.arena, rng);
+  place_move(moves[k], rng);  // before its own room is counted: it cannot land on itself
   if (plan_[w.arena].role & destination)
     set_room(w.arena, cursor < w.last ? reinterpret_cast<std::uintptr_t>(moves[cursor].from) : arenas_[w.arena]->limit);
   return k;
 }
 
-void heap::place_move(move& m, std::uint32_t source, layout_rng* rng) {
+void heap::place_move(move& m, layout_rng* rng) {
   if (m.bytes > arena_size_) {
     place_alone(m);
     return;
   }
-  if (!has_filling_ || filling_ == source || !fits(filling_, m)) {
-    std::uint32_t next = pick_roomy(m, source, rng);
+  if (!has_filling_ || !fits(filling_, m)) {
+    std::uint32_t next = pick_roomy(m, rng);
     if (next == none) next = open_destination(std::size_t{1} << m.align_log2);
     if (!fits(next, m)) {
       place_alone(m);  // too large for an empty arena once aligned
@@ -174,14 +174,13 @@ bool heap::fits(std::uint32_t number, const move& m) const noexcept {
   return at >= d.w && at <= d.f && d.f - at >= m.bytes;
 }
 
-// A destination with room for m other than its source: drawn at random among those
-// with room, or without rng the one that gained room last. One too small for m leaves
-// the draw until it gains room again, so every draw that fails is paid for by a gain.
-std::uint32_t heap::pick_roomy(const move& m, std::uint32_t source, layout_rng* rng) noexcept {
-  while (!roomy_.empty() && !(roomy_.size() == 1 && roomy_[0] == source)) {
-    std::size_t i = rng != nullptr ? bounded(*rng, roomy_.size()) : roomy_.size() - 1;
-    if (roomy_[i] == source) i = i == 0 ? roomy_.size() - 1 : i - 1;
-    const std::uint32_t n = roomy_[i];
+// A destination with room for m: drawn at random among those with room, or without rng
+// the one that gained room last. Its own arena will do: the room there lies below it.
+// One too small for m leaves the draw until it gains room again, so every draw that
+// fails is paid for by a gain.
+std::uint32_t heap::pick_roomy(const move& m, layout_rng* rng) noexcept {
+  while (!roomy_.empty()) {
+    const std::uint32_t n = roomy_[rng != nullptr ? bounded(*rng, roomy_.size()) : roomy_.size() - 1];
     if (fits(n, m)) return n;
     drop_roomy(n);
   }
