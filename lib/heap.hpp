@@ -164,6 +164,7 @@ class heap {
   std::vector<std::uint32_t> roomy_;       // destinations whose room may take an entry
   std::vector<std::uint32_t> cursor_;      // by window: its next move
   std::vector<std::uint32_t> crediting_, draining_;  // windows with moves left: whose arena is a destination, or not
+  std::vector<std::uint32_t> ready_at_;    // by window: its index in one of those
   std::size_t room_ = 0;                   // bytes of room over all destinations
   std::uint32_t filling_ = 0;              // the destination being filled, if any
   bool has_filling_ = false;

@@ -2,6 +2,7 @@
 // the end. Every entry's bytes go into room that entries read earlier in the sequence
 // left behind, so nothing but an arena or two is taken from the upstream.
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -34,6 +35,7 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
   roomy_.clear();
   roomy_.reserve(count + 8);
   cursor_.resize(windows.size());
+  ready_at_.resize(windows.size());
   crediting_.clear(), draining_.clear();
   crediting_.reserve(windows.size()), draining_.reserve(windows.size());
   for (std::byte* p : stay) plan_[arena_number(p)].role |= keeps_entry;
@@ -62,7 +64,9 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
       p.f = reinterpret_cast<std::uintptr_t>(moves[windows[i].first].from);
       if (p.f == p.w) drop_roomy(windows[i].arena);
     }
-    (p.role & destination ? crediting_ : draining_).push_back(i);
+    auto& ready = p.role & destination ? crediting_ : draining_;
+    ready_at_[i] = static_cast<std::uint32_t>(ready.size());
+    ready.push_back(i);
   }
   try {
     plan(moves, windows, rng, sequence);
@@ -120,17 +124,31 @@ void heap::plan(std::span<move> moves, std::span<const window> windows, layout_r
   }
   // Draining windows give no room: while room is short, the next window is one that does.
   const std::size_t low_water = arena_size_ / 4;
-  while (!crediting_.empty() || !draining_.empty()) {
+  const auto draw = [&] {
     std::size_t i = bounded(*rng, crediting_.size() + draining_.size());
     if (i >= crediting_.size() && !crediting_.empty() && room_ < low_water) i = bounded(*rng, crediting_.size());
-    auto& ready = i < crediting_.size() ? crediting_ : draining_;
-    const std::size_t k = i < crediting_.size() ? i : i - crediting_.size();
-    const std::uint32_t wi = ready[k];
-    sequence[step++] = take(moves, windows[wi], cursor_[wi], rng);
+    const std::uint32_t wi = i < crediting_.size() ? crediting_[i] : draining_[i - crediting_.size()];
+    __builtin_prefetch(&moves[cursor_[wi]], 1);
+    __builtin_prefetch(&moves[cursor_[wi]].bytes, 1);  // a move may straddle two lines
+    return wi;
+  };
+  // Drawn a few steps ahead, so that the window's next move is in cache when taken.
+  constexpr std::size_t ahead = 8;
+  std::array<std::uint32_t, ahead> drawn{};
+  const std::size_t total = sequence.size();
+  for (std::size_t d = 0; d < ahead && d < total; ++d) drawn[d] = draw();
+  for (; step < total; ++step) {
+    std::uint32_t wi = drawn[step % ahead];
+    if (cursor_[wi] == windows[wi].last) wi = draw();  // finished since it was drawn
+    sequence[step] = take(moves, windows[wi], cursor_[wi], rng);
     if (cursor_[wi] == windows[wi].last) {
-      ready[k] = ready.back();
+      auto& ready = plan_[windows[wi].arena].role & destination ? crediting_ : draining_;
+      const std::uint32_t at = ready_at_[wi];
+      ready[at] = ready.back();
+      ready_at_[ready[at]] = at;
       ready.pop_back();
     }
+    if (step + ahead < total) drawn[step % ahead] = draw();
   }
 }
 

@@ -76,6 +76,34 @@ void shuffler::impl::gather_by_arena() {
   }
 }
 
+namespace {
+// A window's moves by address: a counting sort on the address cut into about as many
+// buckets as moves, then an insertion sort for the few that share a bucket. Linear,
+// where a comparison sort of the windows cost more than the rest of the shuffle.
+void sort_by_address(std::span<detail::move> w, std::vector<std::uint32_t>& counts,
+                     std::vector<detail::move>& scratch) {
+  const auto earlier = [](const detail::move& x, const detail::move& y) { return x.from < y.from; };
+  if (std::is_sorted(w.begin(), w.end(), earlier)) return;
+  const auto [lo, hi] = std::minmax_element(w.begin(), w.end(), earlier);
+  const auto base = reinterpret_cast<std::uintptr_t>(lo->from);
+  const std::uintptr_t span = reinterpret_cast<std::uintptr_t>(hi->from) - base;
+  unsigned shift = 0;
+  while ((span >> shift) >= 2 * w.size()) ++shift;
+  counts.assign((span >> shift) + 2, 0);
+  const auto bucket = [&](const detail::move& m) { return (reinterpret_cast<std::uintptr_t>(m.from) - base) >> shift; };
+  for (const detail::move& m : w) ++counts[bucket(m) + 1];
+  for (std::size_t b = 1; b < counts.size(); ++b) counts[b] += counts[b - 1];
+  for (const detail::move& m : w) scratch[counts[bucket(m)]++] = m;
+  for (std::size_t i = 1; i < w.size(); ++i) {
+    const detail::move m = scratch[i];
+    std::size_t j = i;
+    for (; j > 0 && m.from < scratch[j - 1].from; --j) scratch[j] = scratch[j - 1];
+    scratch[j] = m;
+  }
+  std::copy(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(w.size()), w.begin());
+}
+}  // namespace
+
 // Each window's moves by address, which the heap reads front to back; the layout's
 // randomness is drawn by the heap, which interleaves the windows. Without
 // randomize_layout the windows go in the order their arenas were filled.
@@ -85,11 +113,11 @@ void shuffler::impl::order_windows() {
       return heap.serial_at(x.arena) < heap.serial_at(y.arena);
     });
   }
-  const auto by_address = [](const detail::move& x, const detail::move& y) { return x.from < y.from; };
-  for (const detail::window& w : windows) {
-    const auto first = plan.begin() + w.first, last = plan.begin() + w.last;
-    if (!std::is_sorted(first, last, by_address)) std::sort(first, last, by_address);
-  }
+  std::size_t largest = 0;
+  for (const detail::window& w : windows) largest = std::max<std::size_t>(largest, w.last - w.first);
+  std::vector<detail::move> scratch(largest);
+  for (const detail::window& w : windows)
+    sort_by_address(std::span(plan).subspan(w.first, w.last - w.first), run_end, scratch);
 }
 
 void shuffler::impl::compact() {
