@@ -194,7 +194,7 @@ void BM_churn_shuffler(benchmark::State& state) {
         live, [&](std::size_t n) { return live_handle{s.alloc<std::byte>(n), n}; },
         [&](live_handle& e) { s.free(e.h); },
         [&](std::size_t i, std::size_t live) {
-          samples.push_back({"shuffler, ratio " + std::to_string(state.range(0) / 100.0).substr(0, 4), i,
+          samples.push_back({"shuffler ratio " + std::to_string(state.range(0) / 100.0).substr(0, 4), i,
                              double(upstream.current) / mib, double(live) / mib});
         });
     const auto before = s.stats();
@@ -213,14 +213,7 @@ BENCHMARK(BM_churn_shuffler)->ArgName("auto_ratio_pct")->Arg(200)->Arg(125)->Ite
 }  // namespace
 
 int main(int argc, char** argv) {
-  int kept = 1;  // --csv_dir=DIR is ours, not Google Benchmark's
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--csv_dir=", 10) == 0)
-      csv_dir = argv[i] + 10;
-    else
-      argv[kept++] = argv[i];
-  }
-  argc = kept;
+  csv_dir = memshuffle::bench::take_flag(argc, argv, "csv_dir");
   memshuffle::bench::goal_reporter reporter(memshuffle::bench::goal_reporter::options_from(argc, argv));
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

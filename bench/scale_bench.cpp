@@ -118,7 +118,7 @@ void BM_rent_return_latency_1GiB(benchmark::State& state) {
     state.counters["shuffle_ms"] = shuffle_ms;
     state.counters["rotate_ms"] = rotate_ms;
     report_latencies(state, std::move(us),
-                     std::to_string(bytes) + (concurrent ? " B, during shuffle+rotate_key" : " B, alone"));
+                     std::to_string(bytes) + (concurrent ? " B during shuffle+rotate_key" : " B alone"));
   }
 }
 BENCHMARK(BM_rent_return_latency_1GiB)
@@ -147,7 +147,7 @@ void BM_shuffle_steps_256KiB_1GiB(benchmark::State& state) {
       us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
     }
     state.counters["steps"] = static_cast<double>(us.size());
-    report_latencies(state, std::move(us), std::to_string(bytes) + " B, shuffle(256 KiB) steps");
+    report_latencies(state, std::move(us), std::to_string(bytes) + " B shuffle(256 KiB) steps");
   }
 }
 BENCHMARK(BM_shuffle_steps_256KiB_1GiB)->ArgName("bytes")->Arg(4096)->Arg(64)->Iterations(1)->UseRealTime()
@@ -217,23 +217,11 @@ class sweep_reporter : public memshuffle::bench::goal_reporter {
   }
 };
 
-// Strips --csv_dir=DIR from the arguments before Google Benchmark reads them.
-void take_csv_dir(int& argc, char** argv) {
-  int out = 1;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--csv_dir=", 10) == 0)
-      csv_dir = argv[i] + 10;
-    else
-      argv[out++] = argv[i];
-  }
-  argc = out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   using namespace memshuffle::bench;
-  take_csv_dir(argc, argv);
+  csv_dir = take_flag(argc, argv, "csv_dir");
   sweep_reporter reporter(goal_reporter::options_from(argc, argv));
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
@@ -242,15 +230,15 @@ int main(int argc, char** argv) {
 
   std::printf("\ngoals (cipher AES-256-CTR; wall-clock latencies; same run):\n");
   for (const char* bytes : {"4096", "64"}) {
-    const std::string during = std::string("BM_rent_return_latency_1GiB/bytes:") + bytes + "/concurrent:1/iterations:1/real_time";
+    const std::string during = std::string("BM_rent_return_latency_1GiB/bytes:") + bytes + "/concurrent:1";
     std::printf("  %s-byte entries, 1 GiB:\n", bytes);
     print_goal("  rent+return p99.9 during shuffle+rotate_key", reporter.counter(during, "p99.9_us"), "us",
                goal{500, true});
     print_goal("  rent+return max during shuffle+rotate_key", reporter.counter(during, "max_us"), "us");
-    const std::string steps = std::string("BM_shuffle_steps_256KiB_1GiB/bytes:") + bytes + "/iterations:1/real_time";
+    const std::string steps = std::string("BM_shuffle_steps_256KiB_1GiB/bytes:") + bytes;
     print_goal("  shuffle(256 KiB) step p99.9", reporter.counter(steps, "p99.9_us"), "us", goal{500, true});
   }
-  const std::string small = "BM_growth_64B/entries:10000/iterations:1", large = "BM_growth_64B/entries:10000000/iterations:1";
+  const std::string small = "BM_growth_64B/entries:10000", large = "BM_growth_64B/entries:10000000";
   for (const char* what : {"alloc_ns", "shuffle_ns", "rotate_ns"}) {
     const auto a = reporter.counter(small, what), b = reporter.counter(large, what);
     print_goal((std::string("growth 10M / 10k entries, ") + what).c_str(), ratio(b, a), "x", goal{1.5, true});

@@ -192,15 +192,32 @@ bool heap::fits(std::uint32_t number, const move& m) const noexcept {
   return at >= d.w && at <= d.f && d.f - at >= m.bytes;
 }
 
-// A destination with room for m: drawn at random among those with room, or without rng
-// the one that gained room last. Its own arena will do: the room there lies below it.
-// One too small for m leaves the draw until it gains room again, so every draw that
-// fails is paid for by a gain.
+// A destination with room for m: drawn at random among those with room (a few draws,
+// then the first that fits from where the last draw fell), or without rng the one that
+// gained room last. Its own arena will do: the room there lies below it. Room too small
+// for anything leaves the draw until the arena gains more; room too small for m alone
+// stays for smaller entries, so no arena is opened while room for m is left. A large
+// entry takes the tightest room it fits (the random draws would leave every arena a
+// tail too small for the large entries still to come).
 std::uint32_t heap::pick_roomy(const move& m, layout_rng* rng) noexcept {
-  while (!roomy_.empty()) {
-    const std::uint32_t n = roomy_[rng != nullptr ? bounded(*rng, roomy_.size()) : roomy_.size() - 1];
+  constexpr int draws = 4;
+  constexpr std::uintptr_t crumb = 16;  // room below this takes no entry worth a draw
+  if (rng != nullptr && m.bytes >= arena_size_ / 16) {
+    std::uint32_t best = none;
+    for (const std::uint32_t n : roomy_)
+      if (fits(n, m) && (best == none || plan_[n].f - plan_[n].w < plan_[best].f - plan_[best].w)) best = n;
+    return best;
+  }
+  std::size_t i = 0;
+  for (int t = 0; t < draws && !roomy_.empty(); ++t) {
+    i = rng != nullptr ? bounded(*rng, roomy_.size()) : roomy_.size() - 1;
+    const std::uint32_t n = roomy_[i];
     if (fits(n, m)) return n;
-    drop_roomy(n);
+    if (plan_[n].f - plan_[n].w < crumb || rng == nullptr) drop_roomy(n);
+  }
+  for (std::size_t k = 0; k < roomy_.size(); ++k) {
+    const std::uint32_t n = roomy_[(i + k) % roomy_.size()];
+    if (fits(n, m)) return n;
   }
   return none;
 }
