@@ -78,7 +78,7 @@ class heap {
   std::size_t entries_in(std::uint32_t arena) const noexcept;
   std::uint64_t serial_at(std::uint32_t arena) const noexcept;
   // Plans the shuffle: sets every move's destination and writes into `sequence` the
-  // order the moves must run in. With rng, the windows are read interleaved at random
+  // order the moves must run in. Each window's moves must be sorted by address. With rng, the windows are read interleaved at random
   // (each step takes the next entry of a window drawn at random), and the arena being
   // filled changes to one drawn at random among those with room; without it, windows
   // are read one after the other in the order given, so the order is kept. The arenas
