@@ -3,6 +3,8 @@
 // std::pmr::unsynchronized_pool_resource and on the shuffler. What matters is the
 // footprint each keeps for the same live bytes at the end, after the live set has
 // shrunk from its peak: the shuffler can compact, the others can only reuse holes.
+// --csv_dir=DIR also writes fragmentation.csv there: held and live bytes every 10,000
+// operations for each allocator (scripts/plots draws it).
 #include "goal_report.hpp"
 
 #include <memshuffle/shuffler.hpp>
@@ -15,6 +17,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
 #include <memory_resource>
 #include <random>
 #include <vector>
@@ -63,13 +68,22 @@ const std::vector<op>& workload() {
   return ops;
 }
 
+// Held and live MiB every 10,000 operations, by allocator, for the CSV file.
+std::string csv_dir;
+struct sample_row {
+  std::string allocator;
+  std::size_t operation;
+  double held_mib, live_mib;
+};
+std::vector<sample_row> samples;
+
 struct live_entry {
   void* p;
   std::size_t size;
 };
 
 // Runs the workload through alloc/free callbacks; returns the live bytes at the end.
-// sample() is called every 10'000 operations (for a footprint peak).
+// sample(operation, live_bytes) is called every 10'000 operations.
 template <class Entry, class Alloc, class Free, class Sample>
 std::size_t run_workload(std::vector<Entry>& live, Alloc alloc, Free free, Sample sample) {
   std::size_t live_bytes = 0, i = 0;
@@ -84,7 +98,7 @@ std::size_t run_workload(std::vector<Entry>& live, Alloc alloc, Free free, Sampl
       e = live.back();
       live.pop_back();
     }
-    if (++i % 10'000 == 0) sample();
+    if (++i % 10'000 == 0) sample(i, live_bytes);
   }
   return live_bytes;
 }
@@ -127,11 +141,15 @@ void BM_churn_malloc(benchmark::State& state) {
     std::vector<live_entry> live;
     live.reserve(operations);
     std::size_t before = malloc_held(), peak = 0;
-    auto sample = [&] { peak = std::max(peak, malloc_held() - before); };
+    auto sample = [&](std::size_t i, std::size_t live_bytes) {
+      const std::size_t held = malloc_held() - before;
+      peak = std::max(peak, held);
+      samples.push_back({"malloc", i, double(held) / mib, double(live_bytes) / mib});
+    };
     std::size_t live_bytes = run_workload(
         live, [](std::size_t n) { return live_entry{std::malloc(n), n}; },
         [](live_entry& e) { std::free(e.p); }, sample);
-    sample();
+    peak = std::max(peak, malloc_held() - before);
     report(state, live_bytes, malloc_held() - before, peak);
     for (auto& e : live) std::free(e.p);
   }
@@ -146,7 +164,10 @@ void BM_churn_std_pool(benchmark::State& state) {
     live.reserve(operations);
     std::size_t live_bytes = run_workload(
         live, [&](std::size_t n) { return live_entry{pool.allocate(n), n}; },
-        [&](live_entry& e) { pool.deallocate(e.p, e.size); }, [] {});
+        [&](live_entry& e) { pool.deallocate(e.p, e.size); },
+        [&](std::size_t i, std::size_t live) {
+          samples.push_back({"std pool", i, double(upstream.current) / mib, double(live) / mib});
+        });
     report(state, live_bytes, upstream.current, upstream.peak);
     for (auto& e : live) pool.deallocate(e.p, e.size);
   }
@@ -171,7 +192,11 @@ void BM_churn_shuffler(benchmark::State& state) {
     live.reserve(operations);
     std::size_t live_bytes = run_workload(
         live, [&](std::size_t n) { return live_handle{s.alloc<std::byte>(n), n}; },
-        [&](live_handle& e) { s.free(e.h); }, [] {});
+        [&](live_handle& e) { s.free(e.h); },
+        [&](std::size_t i, std::size_t live) {
+          samples.push_back({"shuffler ratio " + std::to_string(state.range(0) / 100.0).substr(0, 4), i,
+                             double(upstream.current) / mib, double(live) / mib});
+        });
     const auto before = s.stats();
     s.shuffle();
     const auto after = s.stats();
@@ -188,6 +213,7 @@ BENCHMARK(BM_churn_shuffler)->ArgName("auto_ratio_pct")->Arg(200)->Arg(125)->Ite
 }  // namespace
 
 int main(int argc, char** argv) {
+  csv_dir = memshuffle::bench::take_flag(argc, argv, "csv_dir");
   memshuffle::bench::goal_reporter reporter(memshuffle::bench::goal_reporter::options_from(argc, argv));
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
@@ -209,6 +235,12 @@ int main(int argc, char** argv) {
       print_goal("  peak held", reporter.counter(name, "peak_MiB"), "MiB");
       print_goal("  per operation (CPU)", *t / operations, "ns");
     }
+  }
+  if (!csv_dir.empty()) {
+    std::ofstream out(csv_dir + "/fragmentation.csv");
+    out << "allocator,operation,held_MiB,live_MiB\n";
+    for (const sample_row& r : samples)
+      out << r.allocator << ',' << r.operation << ',' << r.held_mib << ',' << r.live_mib << '\n';
   }
   benchmark::Shutdown();
 }

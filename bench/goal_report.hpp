@@ -13,6 +13,22 @@
 
 namespace memshuffle::bench {
 
+// Removes --name=VALUE (a flag of ours, not Google Benchmark's) from the arguments and
+// returns VALUE, or "" when absent. Call before benchmark::Initialize.
+inline std::string take_flag(int& argc, char** argv, const std::string& name) {
+  const std::string prefix = "--" + name + "=";
+  std::string value;
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], prefix.c_str(), prefix.size()) == 0)
+      value = argv[i] + prefix.size();
+    else
+      argv[kept++] = argv[i];
+  }
+  argc = kept;
+  return value;
+}
+
 class goal_reporter : public benchmark::ConsoleReporter {
  public:
   // Honours --benchmark_counters_tabular, which is lost when main() supplies the

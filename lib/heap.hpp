@@ -14,6 +14,7 @@
 
 #include <memshuffle/arena_resource.hpp>
 
+#include "layout_rng.hpp"
 #include "poison.hpp"
 
 namespace memshuffle::detail {
@@ -24,7 +25,8 @@ struct request {
 };
 
 // One entry of a full shuffle: where it is, where it goes (set by begin_shuffle), and
-// its table slot (which the heap never reads).
+// its table slot (which the heap never reads). The plan replaces align_log2 by the
+// padding left before `to`, which the move wipes.
 struct move {
   std::byte* from;
   std::byte* to;
@@ -33,15 +35,11 @@ struct move {
   std::uint32_t align_log2;
 };
 
-// The entries of one source arena: moves [first, last), placed in the order that
-// order [first, last) gives (a permutation of the same range of indices).
-// whole: when it does not fit in the room left in the arena being filled, it starts the
-// next arena rather than being split across two.
+// The entries of one source arena: moves [first, last), sorted by address.
 struct window {
   std::uint32_t arena;  // its arena_number
   std::uint32_t first, last;
   std::size_t bytes;    // of all its moves
-  bool whole;
 };
 
 class heap {
@@ -66,9 +64,10 @@ class heap {
   // entry is left there (the arena being filled is rewound instead).
   void vacate(std::byte* p, std::size_t bytes) noexcept;
 
-  // A full shuffle, rolling (docs/design.md, "Heap"): the entries leave their arenas
-  // window by window, and an arena emptied this way is a destination for the windows
-  // after it, so the upstream holds the heap plus a few arenas at the peak.
+  // A full shuffle, in place (docs/design.md, "Heap"): the entries leave their arenas
+  // front to back, the windows interleaved, and each goes into the room some arena's
+  // departed entries left at its front. So the upstream holds the heap plus an arena or
+  // two at the peak, and an arena's new entries come from all over the heap.
   //
   // Arenas are numbered 0 .. arenas() - 1 for the shuffle (the number of the arena
   // holding p, which must lie in one); the numbers hold until end_shuffle().
@@ -78,20 +77,24 @@ class heap {
   std::uint32_t arena_number(const std::byte* p) const noexcept;
   std::size_t entries_in(std::uint32_t arena) const noexcept;
   std::uint64_t serial_at(std::uint32_t arena) const noexcept;
-  // Sets every move's destination, windows in order, into the arenas that hold
-  // nothing to move, the arenas emptied by earlier windows, and fresh arenas only when
-  // none of those is free yet. Arenas holding an entry at stay are never reused. Opens
-  // the fresh arenas now: on std::bad_alloc the heap is exactly as before. Once it
-  // returns, every window must be moved, in order, and the shuffle ended.
-  void begin_shuffle(std::span<move> moves, std::span<const std::uint32_t> order,
-                     std::span<const window> windows, std::span<std::byte* const> stay);
-  // Copies a window's entries to their destinations and wipes what they left (the
-  // whole arena at once when the window empties it, for reuse). Any order of the
-  // window's moves does: the one that walks the table in order is cheapest.
-  void move_window(std::span<const move> moves, std::uint32_t arena) noexcept;
+  // Plans the shuffle: sets every move's destination and writes into `sequence` the
+  // order the moves must run in. Each window's moves must be sorted by address. With rng, the windows are read interleaved at random
+  // (each step takes the next entry of a window drawn at random), and the arena being
+  // filled changes to one drawn at random among those with room; without it, windows
+  // are read one after the other in the order given, so the order is kept. The arenas
+  // needed for the live bytes (the fullest) are the destinations, the others are
+  // drained and given back at the end; arenas holding an entry at stay are never
+  // written. Opens fresh arenas only when no destination has room: on std::bad_alloc
+  // the heap is exactly as before. Once it returns, run_moves and end_shuffle must follow.
+  void begin_shuffle(std::span<move> moves, std::span<const window> windows,
+                     std::span<std::byte* const> stay, layout_rng* rng, std::span<std::uint32_t> sequence);
+  // Copies every entry to its destination, in the planned sequence (each write lands on
+  // bytes whose entries have been copied out already), and wipes the padding between.
+  void run_moves(std::span<const move> moves, std::span<const std::uint32_t> sequence) noexcept;
   // A freed entry's bytes, dropped during the shuffle.
   void drop(std::byte* p, std::size_t bytes) noexcept;
-  // Gives back every arena left empty; the last destination is the arena being filled.
+  // Wipes what no entry covers any more, gives back every arena left empty; the last
+  // destination filled is the arena being filled.
   void end_shuffle() noexcept;
 
   // Gives back the arenas older than serial that hold no entry.
@@ -109,24 +112,31 @@ class heap {
     arena* owner;
   };
 
-  // A destination of the shuffle under way: what its placements will have filled.
-  struct destination {
-    arena* a;
-    std::uintptr_t top;
-    std::size_t entries;
-    bool placed;  // an arena of its own, its one entry placed for real already
+  // An arena during the shuffle under way, by arena number (fresh ones appended).
+  struct planned {
+    std::uintptr_t w, f;       // the room: [w, f) left by departed entries, not written yet
+    std::uint32_t roomy = 0;   // its index in roomy_ plus one, 0 when not there
+    std::uint32_t written = 0; // entries placed here
+    std::uint32_t moved = 0;   // entries that leave it
+    std::uint8_t role = 0;
   };
-  enum : std::uint8_t { keeps_entry = 1, has_window = 2, reused = 4 };
+  enum : std::uint8_t { keeps_entry = 1, has_window = 2, destination = 4, placed_alone = 8 };
 
   arena& open_arena(std::size_t capacity);
   void* try_place(arena& a, const request& r);
   arena* arena_of(const void* p) const noexcept;
   void release(arena& a) noexcept;
-  void plan(std::span<move> moves, std::span<const std::uint32_t> order, std::span<const window> windows);
-  bool fits(const destination& d, const move& m) const noexcept;
-  void next_destination(std::size_t alignment);
+  void choose_destinations(std::span<const window> windows);
+  void plan(std::span<move> moves, std::span<const window> windows, layout_rng* rng,
+            std::span<std::uint32_t> sequence);
+  void drop_roomy(std::uint32_t number) noexcept;
+  void place_move(move& m, layout_rng* rng);
+  std::uint32_t take(std::span<move> moves, const window& w, std::uint32_t& cursor, layout_rng* rng);
+  bool fits(std::uint32_t number, const move& m) const noexcept;
+  std::uint32_t pick_roomy(const move& m, layout_rng* rng) noexcept;
+  void set_room(std::uint32_t number, std::uintptr_t f) noexcept;
+  std::uint32_t open_destination(std::size_t alignment);
   void place_alone(move& m);
-  void empty(std::uint32_t number) noexcept;
 
   std::pmr::memory_resource* upstream_;
   std::size_t arena_size_;
@@ -150,12 +160,15 @@ class heap {
   bool granules_stale_ = true;
 
   // The shuffle under way.
-  std::vector<std::uint8_t> role_;           // by arena number
-  bool keeps_any_ = false;                   // an arena keeps an entry that stays
-  std::vector<std::uint32_t> free_arenas_;   // emptied, by number, in the order they empty
-  std::size_t next_free_ = 0;
-  std::vector<destination> destinations_;    // in the order they are filled
-  std::size_t filling_ = 0;                  // the destination being filled
+  std::vector<planned> plan_;
+  std::vector<std::uint32_t> roomy_;       // destinations whose room may take an entry
+  std::vector<std::uint32_t> cursor_;      // by window: its next move
+  std::vector<std::uint32_t> crediting_, draining_;  // windows with moves left: whose arena is a destination, or not
+  std::vector<std::uint32_t> ready_at_;    // by window: its index in one of those
+  std::size_t room_ = 0;                   // bytes of room over all destinations
+  std::uint32_t filling_ = 0;              // the destination being filled, if any
+  bool has_filling_ = false;
+  bool keeps_any_ = false;                 // an arena keeps an entry that stays
 };
 
 }  // namespace memshuffle::detail

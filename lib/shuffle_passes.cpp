@@ -14,17 +14,20 @@ void shuffler::impl::shuffle() {
   const auto t0 = std::chrono::steady_clock::now();
   gather_by_arena();
   order_windows();
-  heap.begin_shuffle(plan, placement, windows, stays);  // the only step that can fail; nothing changed yet
+  std::size_t moving = 0;
+  for (const detail::window& w : windows) moving += w.last - w.first;
+  const std::span<std::uint32_t> sequence(placement.data(), moving);
+  heap.begin_shuffle(plan, windows, stays, opt.randomize_layout ? &rng : nullptr,
+                     sequence);  // the only step that can fail; nothing changed yet
+  heap.run_moves(plan, sequence);
+  // Each window's moves come in slot order (gathered so), and slots are asked for ahead:
+  // entries allocated into freed slots lie in other arenas than their neighbours.
+  constexpr std::size_t ahead = 16;
   for (const detail::window& w : windows) {
-    const std::span<const detail::move> batch(plan.data() + w.first, w.last - w.first);
-    heap.move_window(batch, w.arena);
-    // Slots come in order, but entries allocated into freed slots lie in other arenas
-    // than their neighbours: asking early hides the misses they cost.
-    constexpr std::size_t ahead = 16;
-    for (std::size_t k = 0; k < batch.size(); ++k) {
-      if (k + ahead < batch.size()) __builtin_prefetch(&table[batch[k + ahead].slot], 1);
-      table[batch[k].slot].data = batch[k].to;
-      counters.bytes_moved += batch[k].bytes;
+    for (std::uint32_t k = w.first; k < w.last; ++k) {
+      if (k + ahead < w.last) __builtin_prefetch(&table[plan[k + ahead].slot], 1);
+      table[plan[k].slot].data = plan[k].to;
+      counters.bytes_moved += plan[k].bytes;
     }
   }
   for (std::uint32_t i : doomed) {
@@ -68,32 +71,53 @@ void shuffler::impl::gather_by_arena() {
   }
   std::uint32_t first = 0;
   for (std::uint32_t a = 0; a < arenas; ++a) {
-    if (run_end[a] != first) windows.push_back({a, first, run_end[a], run_bytes[a], false});
+    if (run_end[a] != first) windows.push_back({a, first, run_end[a], run_bytes[a]});
     first += static_cast<std::uint32_t>(heap.entries_in(a));
   }
 }
 
+namespace {
+// A window's moves by address: a counting sort on the address cut into about as many
+// buckets as moves, then an insertion sort for the few that share a bucket. Linear,
+// where a comparison sort of the windows cost more than the rest of the shuffle.
+void sort_by_address(std::span<detail::move> w, std::vector<std::uint32_t>& counts,
+                     std::vector<detail::move>& scratch) {
+  const auto earlier = [](const detail::move& x, const detail::move& y) { return x.from < y.from; };
+  if (std::is_sorted(w.begin(), w.end(), earlier)) return;
+  const auto [lo, hi] = std::minmax_element(w.begin(), w.end(), earlier);
+  const auto base = reinterpret_cast<std::uintptr_t>(lo->from);
+  const std::uintptr_t span = reinterpret_cast<std::uintptr_t>(hi->from) - base;
+  unsigned shift = 0;
+  while ((span >> shift) >= 2 * w.size()) ++shift;
+  counts.assign((span >> shift) + 2, 0);
+  const auto bucket = [&](const detail::move& m) { return (reinterpret_cast<std::uintptr_t>(m.from) - base) >> shift; };
+  for (const detail::move& m : w) ++counts[bucket(m) + 1];
+  for (std::size_t b = 1; b < counts.size(); ++b) counts[b] += counts[b - 1];
+  for (const detail::move& m : w) scratch[counts[bucket(m)]++] = m;
+  for (std::size_t i = 1; i < w.size(); ++i) {
+    const detail::move m = scratch[i];
+    std::size_t j = i;
+    for (; j > 0 && m.from < scratch[j - 1].from; --j) scratch[j] = scratch[j - 1];
+    scratch[j] = m;
+  }
+  std::copy(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(w.size()), w.begin());
+}
+}  // namespace
+
+// Each window's moves by address, which the heap reads front to back; the layout's
+// randomness is drawn by the heap, which interleaves the windows. Without
+// randomize_layout the windows go in the order their arenas were filled.
 void shuffler::impl::order_windows() {
-  for (const detail::window& w : windows)
-    for (std::uint32_t k = w.first; k < w.last; ++k) placement[k] = k;
   if (!opt.randomize_layout) {
     std::sort(windows.begin(), windows.end(), [&](const detail::window& x, const detail::window& y) {
       return heap.serial_at(x.arena) < heap.serial_at(y.arena);
     });
-    const auto by_address = [&](std::uint32_t x, std::uint32_t y) { return plan[x].from < plan[y].from; };
-    for (const detail::window& w : windows) {
-      const auto first = placement.begin() + w.first, last = placement.begin() + w.last;
-      if (!std::is_sorted(first, last, by_address)) std::sort(first, last, by_address);
-    }
-    return;
   }
-  for (detail::window& w : windows) w.whole = w.bytes >= opt.arena_size - opt.arena_size / 16;
-  const auto partial = std::partition(windows.begin(), windows.end(), [](const detail::window& w) { return w.whole; });
-  shuffle_range(std::span(windows.begin(), partial), rng);
-  shuffle_range(std::span(partial, windows.end()), rng);
+  std::size_t largest = 0;
+  for (const detail::window& w : windows) largest = std::max<std::size_t>(largest, w.last - w.first);
+  std::vector<detail::move> scratch(largest);
   for (const detail::window& w : windows)
-    for (std::uint32_t k = w.last - w.first; k > 1; --k)
-      std::swap(placement[w.first + k - 1], placement[w.first + bounded(rng, k)]);
+    sort_by_address(std::span(plan).subspan(w.first, w.last - w.first), run_end, scratch);
 }
 
 void shuffler::impl::compact() {

@@ -4,14 +4,18 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <map>
+#include <random>
 #include <set>
 #include <span>
 #include <vector>
 
 #include "lib/heap.hpp"
 #include "test/support/recording_resource.hpp"
+#include "test/support/seed.hpp"
 
 using memshuffle::detail::heap;
+using memshuffle::detail::layout_rng;
 using memshuffle::detail::request;
 using memshuffle::testing::recording_resource;
 
@@ -153,10 +157,11 @@ TEST_CASE("a failed placement in the arena being filled rewinds it") {
 namespace {
 
 // A full shuffle of the entries in old (all of one size, 8-aligned) but those at stay:
-// one window per arena, arenas and entries in the order they were filled.
+// one window per arena, arenas and entries in the order they were filled; with rng the
+// heap interleaves them at random.
 struct rolling {
   std::vector<memshuffle::detail::move> moves;
-  std::vector<std::uint32_t> order;
+  std::vector<std::uint32_t> sequence;
   std::vector<memshuffle::detail::window> windows;
 
   rolling(heap& h, const std::vector<std::byte*>& old, std::size_t bytes,
@@ -165,17 +170,19 @@ struct rolling {
       if (std::find(stay.begin(), stay.end(), p) != stay.end()) continue;
       const std::uint32_t a = h.arena_number(p);
       if (windows.empty() || windows.back().arena != a)
-        windows.push_back({a, static_cast<std::uint32_t>(moves.size()), 0, 0, false});
-      order.push_back(static_cast<std::uint32_t>(moves.size()));
+        windows.push_back({a, static_cast<std::uint32_t>(moves.size()), 0, 0});
       moves.push_back({p, nullptr, bytes, static_cast<std::uint32_t>(moves.size()), 3});
       windows.back().last = static_cast<std::uint32_t>(moves.size());
       windows.back().bytes += bytes;
     }
+    sequence.resize(moves.size());
   }
-  void run(heap& h, const std::vector<std::byte*>& stay = {}) {
-    h.begin_shuffle(moves, order, windows, stay);
-    for (const auto& w : windows)
-      h.move_window(std::span(moves).subspan(w.first, w.last - w.first), w.arena);
+  void begin(heap& h, const std::vector<std::byte*>& stay = {}, layout_rng* rng = nullptr) {
+    h.begin_shuffle(moves, windows, stay, rng, sequence);
+  }
+  void run(heap& h, const std::vector<std::byte*>& stay = {}, layout_rng* rng = nullptr) {
+    begin(h, stay, rng);
+    h.run_moves(moves, sequence);
     h.end_shuffle();
   }
 };
@@ -260,7 +267,7 @@ TEST_CASE("a full shuffle that cannot get a fresh arena changes nothing") {
   const std::size_t reserved = h.reserved_bytes(), arenas = h.arenas();
   rolling r(h, old, 64);
   up.fail_after(0);
-  CHECK_THROWS_AS(h.begin_shuffle(r.moves, r.order, r.windows, {}), std::bad_alloc);
+  CHECK_THROWS_AS(r.begin(h), std::bad_alloc);
   up.fail_never();
   CHECK(h.reserved_bytes() == reserved);
   CHECK(h.arenas() == arenas);
@@ -268,6 +275,102 @@ TEST_CASE("a full shuffle that cannot get a fresh arena changes nothing") {
   for (std::size_t i = 0; i < old.size(); ++i) CHECK(std::to_integer<int>(old[i][63]) == static_cast<int>(i % 256));
   r.run(h);  // and it can still run in full
   for (const auto& m : r.moves) CHECK(m.to != m.from);
+}
+
+namespace {
+
+// One entry of the scattering test: where it lies, its size, and its arena's serial.
+struct placed {
+  std::byte* p;
+  std::size_t bytes;
+  std::uint32_t align_log2;
+  std::uint64_t arena;
+};
+
+// A full shuffle of every entry (given in any order); returns them where they went, in
+// the same order. With rng the layout is drawn at random.
+std::vector<placed> shuffle_all(heap& h, std::vector<placed> entries, layout_rng* rng) {
+  std::vector<std::uint32_t> by_address(entries.size());
+  for (std::uint32_t i = 0; i < by_address.size(); ++i) by_address[i] = i;
+  std::sort(by_address.begin(), by_address.end(), [&](auto x, auto y) { return entries[x].p < entries[y].p; });
+  std::vector<memshuffle::detail::move> moves;
+  std::vector<memshuffle::detail::window> windows;
+  h.index_arenas();
+  for (std::uint32_t i : by_address) {
+    const std::uint32_t a = h.arena_number(entries[i].p);
+    const auto k = static_cast<std::uint32_t>(moves.size());
+    if (windows.empty() || windows.back().arena != a) windows.push_back({a, k, k, 0});
+    moves.push_back({entries[i].p, nullptr, entries[i].bytes, i, entries[i].align_log2});
+    ++windows.back().last;
+    windows.back().bytes += entries[i].bytes;
+  }
+  std::vector<std::uint32_t> sequence(moves.size());
+  h.begin_shuffle(moves, windows, {}, rng, sequence);
+  h.run_moves(moves, sequence);
+  h.end_shuffle();
+  for (const auto& m : moves) {
+    CHECK(m.to != m.from);
+    entries[m.slot].p = m.to;
+  }
+  for (placed& e : entries) e.arena = h.serial_of(e.p);
+  return entries;
+}
+
+// Of the pairs of entries that shared an arena before, the share that share one after,
+// over what uniform random placement into the arenas as filled after gives.
+double kept_together_over_uniform(const std::vector<placed>& before, const std::vector<placed>& after) {
+  std::map<std::pair<std::uint64_t, std::uint64_t>, std::size_t> both;
+  std::map<std::uint64_t, std::size_t> was, is;
+  for (std::size_t i = 0; i < before.size(); ++i) {
+    ++both[{before[i].arena, after[i].arena}];
+    ++was[before[i].arena];
+    ++is[after[i].arena];
+  }
+  const auto pairs = [](std::size_t c) { return static_cast<double>(c) * static_cast<double>(c - 1) / 2; };
+  double kept = 0, shared = 0, uniform = 0;
+  for (const auto& [key, c] : both) kept += pairs(c);
+  for (const auto& [key, c] : was) shared += pairs(c);
+  for (const auto& [key, c] : is) uniform += pairs(c);
+  uniform /= pairs(before.size());
+  return kept / shared / uniform;
+}
+
+}  // namespace
+
+TEST_CASE("a random full shuffle scatters the entries of an arena as uniform placement would") {
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 sizes(seed);
+  layout_rng rng(seed);
+  for (const bool mixed : {false, true}) {
+    CAPTURE(mixed);
+    recording_resource up;
+    heap h(&up, 4 * arena_size);  // 256 entries of 64 bytes an arena
+    std::vector<placed> entries;
+    while (h.arenas() < 64) {
+      const std::size_t bytes = mixed ? 8 * (2 + sizes() % 24) : 64;
+      const std::uint32_t align_log2 = mixed && sizes() % 8 == 0 ? 4 : 3;
+      entries.push_back({h.place(bytes, std::size_t{1} << align_log2), bytes, align_log2, 0});
+    }
+    for (placed& e : entries) e.arena = h.serial_of(e.p);
+    const std::size_t arenas = h.arenas(), allocations = up.allocations();
+    for (int round = 0; round < 3; ++round) {
+      CAPTURE(round);
+      std::vector<placed> after = shuffle_all(h, entries, &rng);
+      const double ratio = kept_together_over_uniform(entries, after);
+      MESSAGE("mixed sizes: ", mixed, ", shuffle ", round, ": pairs kept together / uniform placement = ", ratio);
+      CHECK(ratio >= 0.9);
+      CHECK(ratio <= 1.1);
+      CHECK(h.arenas() <= arenas + 1);
+      entries = std::move(after);
+    }
+    CHECK(up.allocations() <= allocations + 3 * 2);  // an arena or two from the upstream per shuffle
+    // Read in order, one arena after the other, the same heap keeps its arenas together:
+    // the statistic sees that.
+    const std::vector<placed> in_order = shuffle_all(h, entries, nullptr);
+    const double ratio = kept_together_over_uniform(entries, in_order);
+    MESSAGE("mixed sizes: ", mixed, ", in order: pairs kept together / uniform placement = ", ratio);
+    CHECK(ratio > 5);
+  }
 }
 
 #ifdef MEMSHUFFLE_ASAN

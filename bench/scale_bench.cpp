@@ -1,0 +1,252 @@
+// The shuffler at scale (issue 14): on a 1 GiB heap, the rent+return latency one thread
+// sees while another runs a full shuffle() and a rotate_key(), and the times of
+// shuffle(budget) steps; the per-entry cost of alloc, shuffle and rotate_key at 10,000
+// and at 10 million entries; rent+return throughput against the thread count.
+// Cipher AES-256-CTR (the default) throughout. --csv_dir=DIR also writes the latency
+// distributions and the thread sweep as CSV files there (scripts/plots draws them).
+#include "goal_report.hpp"
+
+#include <memshuffle/shuffler.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using memshuffle::handle;
+using memshuffle::shuffler;
+using clock_type = std::chrono::steady_clock;
+
+constexpr std::size_t gib = std::size_t{1} << 30;
+std::string csv_dir;  // empty: no CSV files
+
+// A shuffler holding count entries of bytes each, every one written once.
+std::vector<handle> fill(shuffler& s, std::size_t count, std::size_t bytes) {
+  std::vector<handle> hs;
+  hs.reserve(count);
+  std::vector<std::byte> data(bytes);
+  for (std::size_t i = 0; i < count; ++i) {
+    std::memset(data.data(), static_cast<int>(i), bytes);
+    hs.push_back(s.alloc<std::byte>(bytes));
+    s.write(hs.back(), data);
+  }
+  return hs;
+}
+
+double percentile(std::vector<double>& sorted, double p) {
+  if (sorted.empty()) return 0;
+  const auto i = static_cast<std::size_t>(p / 100 * static_cast<double>(sorted.size() - 1));
+  return sorted[i];
+}
+
+// The distribution as counters (microseconds), and, with --csv_dir, as rows of
+// latency.csv: case, percentile, microseconds.
+void report_latencies(benchmark::State& state, std::vector<double> us, const std::string& name) {
+  std::sort(us.begin(), us.end());
+  state.counters["samples"] = static_cast<double>(us.size());
+  state.counters["p50_us"] = percentile(us, 50);
+  state.counters["p99_us"] = percentile(us, 99);
+  state.counters["p99.9_us"] = percentile(us, 99.9);
+  state.counters["max_us"] = us.empty() ? 0 : us.back();
+  if (csv_dir.empty()) return;
+  static std::map<std::string, bool> started;
+  const std::string path = csv_dir + "/latency.csv";
+  std::ofstream out(path, started.empty() ? std::ios::trunc : std::ios::app);
+  if (started.empty()) out << "case,percentile,microseconds\n";
+  started[name] = true;
+  for (double p = 0; p < 99; p += 1) out << name << ',' << p << ',' << percentile(us, p) << '\n';
+  for (double p = 99; p < 100; p += 0.01) out << name << ',' << p << ',' << percentile(us, p) << '\n';
+  out << name << ",100," << us.back() << '\n';
+}
+
+// rent+return of random entries, timed one by one, until stop (or count operations).
+std::vector<double> rent_return_loop(shuffler& s, const std::vector<handle>& hs, const std::atomic<bool>& stop,
+                                     std::size_t count) {
+  std::vector<double> us;
+  us.reserve(1 << 20);
+  std::mt19937_64 rng(20261202);
+  while (!stop.load(std::memory_order_relaxed) && us.size() < count) {
+    const handle h = hs[rng() % hs.size()];
+    const auto t0 = clock_type::now();
+    {
+      auto lease = s.rent<std::byte>(h);
+      benchmark::DoNotOptimize(lease.get()[0]);
+    }
+    us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
+  }
+  return us;
+}
+
+// Argument 0: the entry size (4096: 262,144 entries; 64: 16 million entries); argument
+// 1: whether another thread runs a full shuffle() and then a rotate_key() meanwhile.
+void BM_rent_return_latency_1GiB(benchmark::State& state) {
+  const auto bytes = static_cast<std::size_t>(state.range(0));
+  const bool concurrent = state.range(1) != 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    shuffler s;
+    const std::vector<handle> hs = fill(s, gib / bytes, bytes);
+    state.ResumeTiming();
+    std::atomic<bool> stop{false};
+    double shuffle_ms = 0, rotate_ms = 0;
+    std::thread mover;
+    if (concurrent) {
+      mover = std::thread([&] {
+        auto t0 = clock_type::now();
+        s.shuffle();
+        auto t1 = clock_type::now();
+        s.rotate_key();
+        auto t2 = clock_type::now();
+        shuffle_ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
+        rotate_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
+        stop = true;
+      });
+    }
+    std::vector<double> us = rent_return_loop(s, hs, stop, concurrent ? SIZE_MAX : 200'000);
+    if (concurrent) mover.join();
+    state.counters["shuffle_ms"] = shuffle_ms;
+    state.counters["rotate_ms"] = rotate_ms;
+    report_latencies(state, std::move(us),
+                     std::to_string(bytes) + (concurrent ? " B during shuffle+rotate_key" : " B alone"));
+  }
+}
+BENCHMARK(BM_rent_return_latency_1GiB)
+    ->ArgNames({"bytes", "concurrent"})
+    ->Args({4096, 0})
+    ->Args({4096, 1})
+    ->Args({64, 0})
+    ->Args({64, 1})
+    ->Iterations(1)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+// shuffle(budget) of 256 KiB, step after step until the pass ends, each step timed.
+void BM_shuffle_steps_256KiB_1GiB(benchmark::State& state) {
+  const auto bytes = static_cast<std::size_t>(state.range(0));
+  for (auto _ : state) {
+    state.PauseTiming();
+    shuffler s;
+    const std::vector<handle> hs = fill(s, gib / bytes, bytes);
+    state.ResumeTiming();
+    std::vector<double> us;
+    const std::uint64_t before = s.stats().shuffles;
+    while (s.stats().shuffles == before) {
+      const auto t0 = clock_type::now();
+      s.shuffle(256 * 1024);
+      us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
+    }
+    state.counters["steps"] = static_cast<double>(us.size());
+    report_latencies(state, std::move(us), std::to_string(bytes) + " B shuffle(256 KiB) steps");
+  }
+}
+BENCHMARK(BM_shuffle_steps_256KiB_1GiB)->ArgName("bytes")->Arg(4096)->Arg(64)->Iterations(1)->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+// Per entry (CPU time of this thread): alloc+write, a full shuffle, a rotate_key.
+void BM_growth_64B(benchmark::State& state) {
+  const auto count = static_cast<std::size_t>(state.range(0));
+  const auto cpu = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) * 1e9 + static_cast<double>(ts.tv_nsec);
+  };
+  for (auto _ : state) {
+    shuffler s;
+    const double t0 = cpu();
+    const std::vector<handle> hs = fill(s, count, 64);
+    const double t1 = cpu();
+    s.shuffle();
+    const double t2 = cpu();
+    s.rotate_key();
+    const double t3 = cpu();
+    const double n = static_cast<double>(count);
+    state.counters["alloc_ns"] = (t1 - t0) / n;
+    state.counters["shuffle_ns"] = (t2 - t1) / n;
+    state.counters["rotate_ns"] = (t3 - t2) / n;
+  }
+}
+BENCHMARK(BM_growth_64B)->ArgName("entries")->Arg(10'000)->Arg(10'000'000)->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
+
+// rent+return of 64-byte entries, each thread its own entries, against the thread count.
+void BM_rent_return_threads_64B(benchmark::State& state) {
+  static shuffler* s = nullptr;
+  static std::vector<std::vector<handle>> mine;
+  if (state.thread_index() == 0) {
+    s = new shuffler();
+    mine.assign(static_cast<std::size_t>(state.threads()), {});
+    for (auto& hs : mine) hs = fill(*s, 1024, 64);
+  }
+  std::size_t i = 0;
+  for (auto _ : state) {
+    const auto& hs = mine[static_cast<std::size_t>(state.thread_index())];
+    auto lease = s->rent<std::byte>(hs[i++ % hs.size()]);
+    benchmark::DoNotOptimize(lease.get()[0]);
+  }
+  state.SetItemsProcessed(state.iterations());
+  if (state.thread_index() == 0) {
+    delete s;
+    s = nullptr;
+  }
+}
+BENCHMARK(BM_rent_return_threads_64B)->Threads(1)->Threads(2)->Threads(4)->Threads(8)->UseRealTime()
+    ->Repetitions(5)->ReportAggregatesOnly(true);
+
+// The goal reporter, which also keeps the thread sweep's medians (the goal reporter
+// keys runs by name and arguments, which the thread counts share).
+class sweep_reporter : public memshuffle::bench::goal_reporter {
+ public:
+  using goal_reporter::goal_reporter;
+  std::map<std::string, double> per_second;  // by "threads:N"
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const auto& r : runs)
+      if (r.aggregate_name == "median" && r.run_name.function_name == "BM_rent_return_threads_64B")
+        per_second[r.run_name.threads] = r.counters.at("items_per_second").value;
+    goal_reporter::ReportRuns(runs);
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace memshuffle::bench;
+  csv_dir = take_flag(argc, argv, "csv_dir");
+  sweep_reporter reporter(goal_reporter::options_from(argc, argv));
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  std::fflush(stderr);
+
+  std::printf("\ngoals (cipher AES-256-CTR; wall-clock latencies; same run):\n");
+  for (const char* bytes : {"4096", "64"}) {
+    const std::string during = std::string("BM_rent_return_latency_1GiB/bytes:") + bytes + "/concurrent:1";
+    std::printf("  %s-byte entries, 1 GiB:\n", bytes);
+    print_goal("  rent+return p99.9 during shuffle+rotate_key", reporter.counter(during, "p99.9_us"), "us",
+               goal{500, true});
+    print_goal("  rent+return max during shuffle+rotate_key", reporter.counter(during, "max_us"), "us");
+    const std::string steps = std::string("BM_shuffle_steps_256KiB_1GiB/bytes:") + bytes;
+    print_goal("  shuffle(256 KiB) step p99.9", reporter.counter(steps, "p99.9_us"), "us", goal{500, true});
+  }
+  const std::string small = "BM_growth_64B/entries:10000", large = "BM_growth_64B/entries:10000000";
+  for (const char* what : {"alloc_ns", "shuffle_ns", "rotate_ns"}) {
+    const auto a = reporter.counter(small, what), b = reporter.counter(large, what);
+    print_goal((std::string("growth 10M / 10k entries, ") + what).c_str(), ratio(b, a), "x", goal{1.5, true});
+  }
+  if (!csv_dir.empty()) {
+    std::ofstream out(csv_dir + "/threads.csv");
+    out << "threads,rent_return_per_second\n";
+    for (const auto& [threads, v] : reporter.per_second) out << threads.substr(threads.find(':') + 1) << ',' << v << '\n';
+  }
+  benchmark::Shutdown();
+}

@@ -1,0 +1,82 @@
+#pragma once
+// The heap's arena (lib/heap.cpp), shared by the heap's sources.
+#include <algorithm>
+#include <new>
+
+#include <memshuffle/secure_wipe.hpp>
+
+#include "heap.hpp"
+
+namespace memshuffle::detail {
+
+// The arena_resource keeps a small header at the end of its chunk; this bounds it from
+// above. If it were ever larger, the arena's refusal still catches the overflow.
+inline constexpr std::size_t chunk_header_allowance = 64;
+
+// One arena: its arena_resource draws exactly one chunk through this adaptor, which
+// refuses any further chunk (the heap then opens another arena), indexes the chunk so
+// an entry's arena can be found from its address, and wipes it before giving it back.
+class heap::arena final : public std::pmr::memory_resource {
+ public:
+  arena(heap& owner, std::size_t capacity, std::uint64_t serial)
+      : owner_(owner),
+        serial(serial),
+        pos(owner.arenas_.size()),
+        capacity(capacity),
+        res(arena_options{.initial_size = capacity, .growth_factor = 1, .max_chunk_size = capacity},
+            this) {}
+  ~arena() override { res.release(); }
+
+  heap& owner_;
+  std::uint64_t serial;
+  std::size_t pos;           // index in owner.arenas_
+  std::size_t capacity;      // usable bytes asked for: arena_size, or more for an arena of its own
+  std::size_t entries = 0;   // entries whose bytes lie here
+  bool refused = false;      // the last allocation failed because the arena is full
+  bool has_chunk = false;
+  // Where the next placement would start, and a bound on the chunk's usable end, so a
+  // placement that cannot fit goes to the next arena without the cost of a refusal.
+  std::uintptr_t base = 0, top = 0, limit = 0;
+  arena_resource res;
+
+ protected:
+  void* do_allocate(std::size_t bytes, std::size_t alignment) override {
+    if (has_chunk) {
+      refused = true;
+      throw std::bad_alloc();
+    }
+    auto& chunks = owner_.chunks_;
+    if (chunks.size() == chunks.capacity()) chunks.reserve(chunks.size() * 2 + 8);
+    void* p = owner_.upstream_->allocate(bytes, alignment);
+    const auto b = reinterpret_cast<std::uintptr_t>(p);
+    const chunk_ref ref{b, b + bytes, this};
+    chunks.insert(std::upper_bound(chunks.begin(), chunks.end(), ref,
+                                   [](const chunk_ref& x, const chunk_ref& y) { return x.begin < y.begin; }),
+                  ref);
+    owner_.granules_stale_ = true;
+    has_chunk = true;
+    base = top = b;
+    limit = b + bytes - std::min<std::size_t>(bytes, chunk_header_allowance);
+    owner_.reserved_ += bytes;
+    return p;
+  }
+
+  void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override {
+    unpoison(p, bytes);
+    secure_wipe(p, bytes);
+    auto& chunks = owner_.chunks_;
+    const auto b = reinterpret_cast<std::uintptr_t>(p);
+    chunks.erase(std::lower_bound(chunks.begin(), chunks.end(), b,
+                                  [](const chunk_ref& c, std::uintptr_t x) { return c.begin < x; }));
+    owner_.granules_stale_ = true;
+    has_chunk = false;
+    owner_.reserved_ -= bytes;
+    owner_.upstream_->deallocate(p, bytes, alignment);
+  }
+
+  bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override {
+    return this == &other;
+  }
+};
+
+}  // namespace memshuffle::detail
