@@ -367,7 +367,7 @@ scan_report memory_scan::empty_report() const {
 }
 
 // buf[0, carry) was searched with the previous chunk: count only what ends after it.
-void memory_scan::search(const std::byte* buf, std::size_t n, std::size_t carry, std::uintptr_t base,
+MEMSHUFFLE_SCAN_RAW void memory_scan::search(const std::byte* buf, std::size_t n, std::size_t carry, std::uintptr_t base,
                          const std::string& where, scan_report& report) const {
   auto record = [&](scan_item& item, std::size_t at) {
     ++item.count;
