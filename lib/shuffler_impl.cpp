@@ -277,6 +277,7 @@ shuffler::impl::pinned shuffler::impl::pin_for_return(seal_job& job) {
   }
   // Encrypted under the current key, with a counter value never used.
   job.key_id = keys.current_id();
+  job.key = &keys.current();
   job.seq = keys.begin_seal();
   job.data = e->data;
   job.window = window_resource != nullptr ? plaintext_of(*e) : nullptr;
@@ -286,7 +287,7 @@ shuffler::impl::pinned shuffler::impl::pin_for_return(seal_job& job) {
 }
 
 void shuffler::impl::seal_outside(seal_job& job) const noexcept {
-  const key_slot& k = keys[job.key_id];
+  const key_slot& k = *job.key;
   std::byte* const target = job.window != nullptr ? job.window : job.data;
   try {
     const auto aad = be64(static_cast<std::uint64_t>(job.h));

@@ -201,6 +201,8 @@ struct shuffler::impl {
     handle h;
     std::uint32_t index = 0;
     std::uint16_t key_id = detail::no_key;
+    // Taken under the lock: the key ring may grow while the work runs outside it.
+    const key_slot* key = nullptr;
     std::uint64_t seq = 0;
     std::byte* data = nullptr;
     std::byte* window = nullptr;

@@ -23,6 +23,7 @@ void end_lease(shuffler& owner, handle h) noexcept;
 template <class T>
 class lease {
  public:
+  /// The type of the entry's elements.
   using element_type = T;
 
   /// \effects An empty lease, holding no entry.

@@ -108,7 +108,11 @@ class shuffler_fuzz {
     o.shuffle_above_ratio = in_.ConsumeBool() ? 1.0 + in_.ConsumeIntegralInRange(0, 20) / 10.0 : 0;
     o.randomize_layout = in_.ConsumeBool();
     o.arena_size = in_.ConsumeIntegralInRange<std::size_t>(64, 8192);
-    o.plaintext_resource = in_.ConsumeBool() ? &window_ : nullptr;
+    switch (in_.ConsumeIntegralInRange(0, 2)) {  // a window of ours, secret memory, in place
+      case 0: o.plaintext_resource = &window_; break;
+      case 1: break;
+      default: o.plaintext_in_place = true; break;
+    }
     o.rotate_key_every = in_.ConsumeBool() ? in_.ConsumeIntegralInRange<std::size_t>(1, 32) : 0;
     return o;
   }
