@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <bit>
 #include <cstring>
 #include <map>
 #include <new>
@@ -54,11 +53,16 @@ void raise(std::atomic<std::size_t>& peak, std::size_t value) noexcept {
   }
 }
 
-// Each thread's shard, in every resource: threads take the next index in turn.
+// Each thread's shard, in every resource: threads take the next index in turn. Initial
+// exec and constant-initialized: a plain load from the thread pointer, where a dynamic
+// thread_local in a shared library costs a call to __tls_get_addr per use.
+std::atomic<std::size_t> next_shard{0};
+[[gnu::tls_model("initial-exec")]] thread_local std::size_t shard_plus_one = 0;
+
 std::size_t this_thread_shard() noexcept {
-  static std::atomic<std::size_t> next{0};
-  thread_local const std::size_t index = next.fetch_add(1, std::memory_order_relaxed);
-  return index;
+  if (shard_plus_one == 0) [[unlikely]]
+    shard_plus_one = next_shard.fetch_add(1, std::memory_order_relaxed) + 1;
+  return shard_plus_one - 1;
 }
 
 bool known_thread_safe(std::pmr::memory_resource* r) noexcept {
@@ -115,6 +119,15 @@ struct tracking_resource::state {
     }
   };
 
+  // Out of line: the call stack is large, and zeroing it would cost every allocation.
+  // A stack that cannot be stored is lost; the allocation is still tracked.
+  [[gnu::noinline]] static void keep_stack(shard& s, const void* p) noexcept {
+    try {
+      s.stacks.emplace(p, detail::capture_call_stack());
+    } catch (const std::bad_alloc&) {
+    }
+  }
+
   [[gnu::cold, gnu::noinline]] void maybe_fail() {
     if (fail_countdown.fetch_sub(1, std::memory_order_relaxed) != 0) return;
     fail_countdown.store(-1, std::memory_order_relaxed);
@@ -166,36 +179,37 @@ struct tracking_resource::state {
     return true;
   }
 
-  // Finds the live record of p in any shard, the caller's first; erases it when it
-  // matches bytes and alignment. Returns the record found, if any.
-  std::optional<allocation_record> take(shard& first, void* p, std::size_t bytes,
-                                        std::size_t alignment, bool& erased) noexcept;
+  // Finds the live record of p in shard s (into `found`) and erases it when it
+  // matches bytes and alignment.
+  enum class taken { none, mismatch, erased };
+  [[gnu::always_inline]] taken take_from(shard& s, void* p, std::size_t bytes,
+                                         std::size_t alignment, allocation_record& found) noexcept {
+    auto l = lock(s);
+    allocation_record* r = s.live.find(p);
+    if (r == nullptr) return taken::none;
+    found = *r;
+    if (found.bytes != bytes || found.alignment != alignment) [[unlikely]]
+      return taken::mismatch;
+    s.live.erase(r);
+    if (!s.stacks.empty()) [[unlikely]]
+      s.stacks.erase(p);
+    ++s.total_deallocations;
+    s.recently_freed[s.recently_freed_next++ % s.recently_freed.size()] = p;
+    return taken::erased;
+  }
+  [[gnu::noinline]] taken take_elsewhere(shard& first, void* p, std::size_t bytes,
+                                         std::size_t alignment, allocation_record& found) noexcept;
 };
 
-std::optional<allocation_record> tracking_resource::state::take(shard& first, void* p,
-                                                                std::size_t bytes,
-                                                                std::size_t alignment,
-                                                                bool& erased) noexcept {
-  erased = false;
-  shard* s = &first;
-  for (std::size_t i = 0; i <= shard_count; ++i) {
-    if (i > 0) {
-      s = &shards[i - 1];
-      if (s == &first) continue;
-    }
-    auto l = lock(*s);
-    allocation_record* r = s->live.find(p);
-    if (r == nullptr) continue;
-    const allocation_record found = *r;
-    if (found.bytes != bytes || found.alignment != alignment) return found;
-    s->live.erase(r);
-    if (!s->stacks.empty()) s->stacks.erase(p);
-    ++s->total_deallocations;
-    s->recently_freed[s->recently_freed_next++ % s->recently_freed.size()] = p;
-    erased = true;
-    return found;
+// A block freed by a thread of another shard, or a bad deallocation: every other shard.
+tracking_resource::state::taken tracking_resource::state::take_elsewhere(
+    shard& first, void* p, std::size_t bytes, std::size_t alignment,
+    allocation_record& found) noexcept {
+  for (auto& s : shards) {
+    if (&s == &first) continue;
+    if (const taken t = take_from(s, p, bytes, alignment, found); t != taken::none) return t;
   }
-  return std::nullopt;
+  return taken::none;
 }
 
 const char* to_string(bad_deallocation_kind kind) noexcept {
@@ -219,7 +233,8 @@ tracking_resource::tracking_resource(tracking_options options, std::pmr::memory_
 tracking_resource::~tracking_resource() { release_quarantine(); }
 
 void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
-  if (!std::has_single_bit(alignment)) [[unlikely]]
+  // Not std::has_single_bit: without -mpopcnt that is a call into libgcc.
+  if (alignment == 0 || (alignment & (alignment - 1)) != 0) [[unlikely]]
     throw bad_alignment();
   auto& st = *state_;
   if (st.fail_countdown.load(std::memory_order_relaxed) >= 0) [[unlikely]]
@@ -227,11 +242,6 @@ void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
   auto& s = st.mine();
   auto lock = st.lock(s);
   if (!s.live.has_room()) s.live.grow();  // may throw; nothing observable has changed yet
-  std::optional<detail::call_stack> stack;
-  if (options_.capture_stacks) [[unlikely]] {
-    stack.emplace(detail::capture_call_stack());
-    s.stacks.reserve(s.stacks.size() + 1);  // may throw, before anything changed
-  }
   // A zero-byte request still gets a byte upstream, so its pointer is unique as a key.
   void* p;
   {
@@ -239,7 +249,8 @@ void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
     p = upstream_->allocate(bytes == 0 ? 1 : bytes, alignment);
   }
   s.live.insert({p, bytes, alignment, add(st.sequence, 1)});
-  if (stack) s.stacks.emplace(p, *stack);
+  if (options_.capture_stacks) [[unlikely]]
+    state::keep_stack(s, p);
   s.total_bytes += bytes;
   raise(st.peak_bytes, add(st.current_bytes, bytes));
   raise(st.peak_allocations, add(st.current_allocations, 1));
@@ -250,10 +261,14 @@ void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
 
 void tracking_resource::do_deallocate(void* p, std::size_t bytes, std::size_t alignment) {
   auto& st = *state_;
-  bool erased = false;
-  const auto found = st.take(st.mine(), p, bytes, alignment, erased);
-  if (!erased) [[unlikely]] {
-    st.record_bad(p, bytes, alignment, found);
+  allocation_record found;
+  auto& first = st.mine();
+  auto t = st.take_from(first, p, bytes, alignment, found);
+  if (t == state::taken::none) [[unlikely]]
+    t = st.take_elsewhere(first, p, bytes, alignment, found);
+  if (t != state::taken::erased) [[unlikely]] {
+    st.record_bad(p, bytes, alignment,
+                  t == state::taken::mismatch ? std::optional(found) : std::nullopt);
     return;
   }
   add(st.current_bytes, -bytes);
