@@ -1,7 +1,9 @@
 // tracking_resource: the books are sharded. Each thread records its allocations in its
 // own shard (a table and a lock of its own, on cache lines of their own), so threads
 // sharing a resource do not wait for each other; what must be exact across threads
-// (the sequence, the current use and its peaks) is kept in a few atomics.
+// (the sequence, the current use and its peaks) is kept in one small struct under a
+// lock of its own, held for a few additions (one atomic exchange; counters as atomics
+// took three or more read-modify-writes per call and were slower, alone and shared).
 #include <memshuffle/error.hpp>
 #include <memshuffle/secure_wipe.hpp>
 #include <memshuffle/tracking_resource.hpp>
@@ -34,24 +36,6 @@ struct freed_block {
   void* p;
   std::size_t bytes, alignment;
 };
-
-// counter += delta; a plain load and store while the process has one thread (an
-// atomic read-modify-write costs as much as half an allocation). Returns the new value.
-std::size_t add(std::atomic<std::size_t>& counter, std::size_t delta) noexcept {
-  if (detail::process_single_threaded()) {
-    const std::size_t v = counter.load(std::memory_order_relaxed) + delta;
-    counter.store(v, std::memory_order_relaxed);
-    return v;
-  }
-  return counter.fetch_add(delta, std::memory_order_relaxed) + delta;
-}
-
-// peak = max(peak, value): a store only when the peak rises.
-void raise(std::atomic<std::size_t>& peak, std::size_t value) noexcept {
-  std::size_t p = peak.load(std::memory_order_relaxed);
-  while (value > p && !peak.compare_exchange_weak(p, value, std::memory_order_relaxed)) {
-  }
-}
 
 // Each thread's shard, in every resource: threads take the next index in turn. Initial
 // exec and constant-initialized: a plain load from the thread pointer, where a dynamic
@@ -86,12 +70,17 @@ struct tracking_resource::state {
   static constexpr std::size_t shard_count = 8;
 
   // Exact across threads: the sequence (= total allocations), the current use, the peaks.
-  alignas(64) std::atomic<std::size_t> sequence{0};
-  std::atomic<std::size_t> current_bytes{0}, current_allocations{0};
-  alignas(64) std::atomic<std::size_t> peak_bytes{0}, peak_allocations{0};
+  // Read by every call, written almost never: a cache line of their own.
   alignas(64) std::atomic<long> fail_countdown{-1};  // -1: never
-  std::atomic<std::size_t> injected{0};
   bool locking = true, lock_upstream = false;
+  // Updated together by every call: one line, so two threads pass one line back and forth.
+  struct alignas(64) global_counts {
+    spin_lock lock;
+    std::size_t sequence = 0;  // = total allocations
+    std::size_t current_bytes = 0, current_allocations = 0;
+    std::size_t peak_bytes = 0, peak_allocations = 0;
+  } counts;
+  alignas(64) std::atomic<std::size_t> injected{0};
   spin_lock upstream_lock;
   // Cold: bad deallocations and quarantine.
   spin_lock cold_lock;
@@ -187,9 +176,11 @@ struct tracking_resource::state {
     auto l = lock(s);
     allocation_record* r = s.live.find(p);
     if (r == nullptr) return taken::none;
-    found = *r;
-    if (found.bytes != bytes || found.alignment != alignment) [[unlikely]]
+    // Compared in place: a copy first stalled the loads on the copy's stores.
+    if (r->bytes != bytes || r->alignment != alignment) [[unlikely]] {
+      found = *r;
       return taken::mismatch;
+    }
     s.live.erase(r);
     if (!s.stacks.empty()) [[unlikely]]
       s.stacks.erase(p);
@@ -248,12 +239,20 @@ void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
     lock_if upstream_lock(st.upstream_lock, st.lock_upstream);
     p = upstream_->allocate(bytes == 0 ? 1 : bytes, alignment);
   }
-  s.live.insert({p, bytes, alignment, add(st.sequence, 1)});
+  std::size_t sequence;
+  {
+    auto& c = st.counts;
+    lock_if counts_lock(c.lock, st.locking);
+    sequence = ++c.sequence;
+    c.current_bytes += bytes;
+    ++c.current_allocations;
+    c.peak_bytes = std::max(c.peak_bytes, c.current_bytes);
+    c.peak_allocations = std::max(c.peak_allocations, c.current_allocations);
+  }
+  s.live.insert({p, bytes, alignment, sequence});
   if (options_.capture_stacks) [[unlikely]]
     state::keep_stack(s, p);
   s.total_bytes += bytes;
-  raise(st.peak_bytes, add(st.current_bytes, bytes));
-  raise(st.peak_allocations, add(st.current_allocations, 1));
   if (options_.fill_on_allocate) [[unlikely]]
     std::memset(p, std::to_integer<int>(*options_.fill_on_allocate), bytes);
   return p;
@@ -271,8 +270,11 @@ void tracking_resource::do_deallocate(void* p, std::size_t bytes, std::size_t al
                   t == state::taken::mismatch ? std::optional(found) : std::nullopt);
     return;
   }
-  add(st.current_bytes, -bytes);
-  add(st.current_allocations, static_cast<std::size_t>(-1));
+  {
+    lock_if counts_lock(st.counts.lock, st.locking);
+    st.counts.current_bytes -= bytes;
+    --st.counts.current_allocations;
+  }
 
   const std::size_t upstream_bytes = bytes == 0 ? 1 : bytes;
   if (options_.wipe_on_deallocate || options_.quarantine) [[unlikely]] {
@@ -295,11 +297,14 @@ tracking_stats tracking_resource::stats() const {
     out.total_bytes += s.total_bytes;
     out.total_deallocations += s.total_deallocations;
   }
-  out.total_allocations = st.sequence.load();
-  out.current_bytes = st.current_bytes.load();
-  out.current_allocations = st.current_allocations.load();
-  out.peak_bytes = st.peak_bytes.load();
-  out.peak_allocations = st.peak_allocations.load();
+  {
+    lock_if counts_lock(st.counts.lock, st.locking);
+    out.total_allocations = st.counts.sequence;
+    out.current_bytes = st.counts.current_bytes;
+    out.current_allocations = st.counts.current_allocations;
+    out.peak_bytes = st.counts.peak_bytes;
+    out.peak_allocations = st.counts.peak_allocations;
+  }
   out.injected_failures = st.injected.load();
   lock_if cold(st.cold_lock, st.locking);
   out.bad_deallocations = st.bad_count;
@@ -308,7 +313,10 @@ tracking_stats tracking_resource::stats() const {
   return out;
 }
 
-bool tracking_resource::has_leaks() const { return state_->current_allocations.load() != 0; }
+bool tracking_resource::has_leaks() const {
+  lock_if counts_lock(state_->counts.lock, state_->locking);
+  return state_->counts.current_allocations != 0;
+}
 
 bool tracking_resource::has_bad_deallocations() const {
   lock_if cold(state_->cold_lock, state_->locking);
@@ -426,8 +434,9 @@ void tracking_resource::release_leaks() {
       s.live.clear();
       s.stacks.clear();
     }
-    state_->current_allocations = 0;
-    state_->current_bytes = 0;
+    lock_if counts_lock(state_->counts.lock, state_->locking);
+    state_->counts.current_allocations = 0;
+    state_->counts.current_bytes = 0;
   }
   lock_if upstream_lock(state_->upstream_lock, state_->lock_upstream);
   for (auto& r : blocks) upstream_->deallocate(r.pointer, r.bytes == 0 ? 1 : r.bytes, r.alignment);
