@@ -3,6 +3,7 @@
 
 #include <doctest/doctest.h>
 
+#include "test/support/page_aligned_resource.hpp"
 #include "test/support/recording_resource.hpp"
 #include "test/support/seed.hpp"
 
@@ -22,6 +23,7 @@ using memshuffle::arena_options;
 using memshuffle::arena_resource;
 using memshuffle::arena_scope;
 using memshuffle::arena_stats;
+using memshuffle::testing::page_aligned_resource;
 using memshuffle::testing::recording_resource;
 
 namespace {
@@ -89,19 +91,6 @@ std::vector<std::size_t> sizes_of(const recording_resource& up) {
   for (auto& b : up.history()) out.push_back(b.bytes);
   return out;
 }
-
-// Hands out blocks aligned to 4096 whatever was asked, so that offsets inside blocks
-// from two upstreams are comparable.
-struct page_aligned_resource : std::pmr::memory_resource {
-  static constexpr std::size_t page = 4096;
-  void* do_allocate(std::size_t bytes, std::size_t alignment) override {
-    return std::pmr::new_delete_resource()->allocate(bytes, std::max(alignment, page));
-  }
-  void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override {
-    std::pmr::new_delete_resource()->deallocate(p, bytes, std::max(alignment, page));
-  }
-  bool do_is_equal(const std::pmr::memory_resource& o) const noexcept override { return this == &o; }
-};
 
 // Installs a resource as the default for one scope.
 struct default_resource_guard {

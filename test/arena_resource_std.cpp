@@ -11,6 +11,7 @@
 #include <boost/container/pmr/monotonic_buffer_resource.hpp>
 #include <boost/container/pmr/vector.hpp>
 
+#include "test/support/page_aligned_resource.hpp"
 #include "test/support/recording_resource.hpp"
 #include "test/support/seed.hpp"
 
@@ -28,6 +29,7 @@
 
 using memshuffle::arena_options;
 using memshuffle::arena_resource;
+using memshuffle::testing::page_aligned_resource;
 using memshuffle::testing::recording_resource;
 
 namespace {
@@ -58,19 +60,6 @@ struct seen {
   std::size_t upstream_calls;
   std::size_t upstream_outstanding;
   bool operator==(const seen&) const = default;
-};
-
-// Hands out blocks aligned to 4096 whatever was asked, so that offsets inside blocks
-// from two upstreams are comparable.
-struct page_aligned_resource : std::pmr::memory_resource {
-  static constexpr std::size_t page = 4096;
-  void* do_allocate(std::size_t bytes, std::size_t alignment) override {
-    return std::pmr::new_delete_resource()->allocate(bytes, std::max(alignment, page));
-  }
-  void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override {
-    std::pmr::new_delete_resource()->deallocate(p, bytes, std::max(alignment, page));
-  }
-  bool do_is_equal(const std::pmr::memory_resource& o) const noexcept override { return this == &o; }
 };
 
 // A script of operations, the same for both resources: allocate, deallocate a live
