@@ -849,7 +849,7 @@ TEST_CASE("a huge request throws bad_alloc instead of wrapping around (boostorg/
   struct bounded_resource : std::pmr::memory_resource {
     std::size_t largest_refused = 0;
     void* do_allocate(std::size_t bytes, std::size_t alignment) override {
-      if (bytes > (std::size_t{1} << 40)) {
+      if (bytes > (std::size_t{1} << 40) || alignment > (std::size_t{1} << 40)) {
         largest_refused = std::max(largest_refused, bytes);
         throw std::bad_alloc();
       }
