@@ -9,6 +9,7 @@
 
 #include <malloc.h>
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <map>
@@ -23,6 +24,7 @@
 namespace {
 
 namespace bpmr = boost::container::pmr;
+using memshuffle::arena_options;
 using memshuffle::arena_resource;
 
 constexpr std::size_t batch = 1024;  // allocations per iteration
@@ -115,6 +117,57 @@ void unit_boost_recreate(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * batch));
 }
 
+// Heavy-tailed units of work: 1000 units whose total sizes are lognormal (median
+// 8 KiB, one in a hundred above 250 KiB), of 8..256-byte blocks. The same draw every run.
+constexpr std::size_t units = 1000;
+constexpr std::size_t retention_cap = 64 * 1024;
+
+const std::vector<std::vector<std::size_t>>& heavy_units() {
+  static const std::vector<std::vector<std::size_t>> all = [] {
+    std::mt19937_64 rng(7);
+    std::lognormal_distribution<double> total(9.0, 1.5);
+    std::vector<std::vector<std::size_t>> out(units);
+    for (auto& u : out) {
+      auto left = static_cast<std::size_t>(std::min(total(rng), 4e6));
+      while (left > 0) {
+        const std::size_t n = std::min<std::size_t>(left, 8 + rng() % 249);
+        u.push_back(n);
+        left -= n;
+      }
+    }
+    return out;
+  }();
+  return all;
+}
+
+template <class Base>
+void fill_unit(Base* r, const std::vector<std::size_t>& unit) {
+  benchmark::DoNotOptimize(r);
+  for (std::size_t s : unit) benchmark::DoNotOptimize(r->allocate(s, 8));
+}
+
+// The arena reset after each unit with a retention cap; the counter is the most it
+// held after a reset over the cap (the bar: 1.25 at most).
+void heavy_arena_capped(benchmark::State& state) {
+  arena_resource r(arena_options{.reset_retention = retention_cap}, std::pmr::new_delete_resource());
+  double worst = 0;
+  for (auto _ : state) {
+    for (const auto& unit : heavy_units()) {
+      fill_unit<std::pmr::memory_resource>(&r, unit);
+      r.reset();
+      worst = std::max(worst, static_cast<double>(r.stats().bytes_reserved) / retention_cap);
+    }
+  }
+  state.counters["reserved_over_cap"] = worst;
+}
+void heavy_std_recreate(benchmark::State& state) {
+  for (auto _ : state)
+    for (const auto& unit : heavy_units()) {
+      std::pmr::monotonic_buffer_resource r(std::pmr::new_delete_resource());
+      fill_unit<std::pmr::memory_resource>(&r, unit);
+    }
+}
+
 void block_sizes(benchmark::internal::Benchmark* b) {
   for (long s : {8L, 64L, 256L, static_cast<long>(mixed)}) b->Arg(s);
 }
@@ -128,6 +181,8 @@ BENCHMARK(alloc_chunks_boost)->Apply(block_sizes);
 BENCHMARK(unit_arena_reset);
 BENCHMARK(unit_std_recreate);
 BENCHMARK(unit_boost_recreate);
+BENCHMARK(heavy_arena_capped)->Unit(benchmark::kMillisecond);
+BENCHMARK(heavy_std_recreate)->Unit(benchmark::kMillisecond);
 
 // Keeps wall-clock and CPU time per iteration: on a shared, loaded machine
 // wall-clock time includes waiting for a core, CPU time does not; both ratios are
@@ -181,6 +236,11 @@ void print_goals(const arena_reporter& r) {
   }
   print_ratio(r, "reset+refill / std re-create", "unit_arena_reset", "unit_std_recreate", goal{1.0, true});
   print_ratio(r, "reset+refill / boost re-create", "unit_arena_reset", "unit_boost_recreate", std::nullopt);
+  print_ratio(r, "heavy-tailed units, capped reset / std re-create", "heavy_arena_capped",
+              "heavy_std_recreate", goal{1.0, true});
+  if (auto worst = r.counter("heavy_arena_capped", "reserved_over_cap"))
+    memshuffle::bench::print_goal("reserved after reset / cap, worst of 1000 units", *worst, "",
+                                  goal{1.25, true});
   if (auto cpu = r.cpu_ns("unit_arena_reset"))
     memshuffle::bench::print_goal("reset+refill, cpu ns per block", *cpu / batch, "ns");
 }

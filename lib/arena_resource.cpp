@@ -2,7 +2,9 @@
 // inline in the header.
 #include <memshuffle/arena_resource.hpp>
 
+#include <memshuffle/detail/assert.hpp>
 #include <memshuffle/error.hpp>
+#include <memshuffle/secure_wipe.hpp>
 
 #include <algorithm>
 #include <bit>
@@ -53,30 +55,50 @@ std::size_t grown(std::size_t next, double factor, std::size_t cap) {
   return std::max(next, static_cast<std::size_t>(g));
 }
 
+// The options the std constructors stand for. Their arguments are not checked beyond
+// what libstdc++ checks: an initial size of 0 is taken as 1, as libc++ does.
+arena_options std_options(std::size_t initial_size) noexcept {
+  arena_options o;
+  o.initial_size = std::max<std::size_t>(initial_size, 1);
+  return o;
+}
+
 }  // namespace
 
-arena_resource::arena_resource() : arena_resource(std::pmr::get_default_resource()) {}
+arena_resource::arena_resource(std::pmr::memory_resource* upstream,
+                               const arena_options& options) noexcept
+    : reuse_last_block_(options.reuse_last_block),
+      upstream_(upstream),
+      options_(options),
+      first_chunk_size_(options.initial_size),
+      next_chunk_size_(options.initial_size) {
+  MEMSHUFFLE_ASSERT(upstream != nullptr, "arena_resource: null upstream resource");
+}
 
-arena_resource::arena_resource(std::pmr::memory_resource* upstream)
-    : arena_resource(arena_options{}, upstream) {}
+arena_resource::arena_resource() noexcept : arena_resource(std::pmr::get_default_resource()) {}
 
-arena_resource::arena_resource(std::size_t initial_size)
+arena_resource::arena_resource(std::pmr::memory_resource* upstream) noexcept
+    : arena_resource(upstream, arena_options{}) {}
+
+arena_resource::arena_resource(std::size_t initial_size) noexcept
     : arena_resource(initial_size, std::pmr::get_default_resource()) {}
 
-arena_resource::arena_resource(std::size_t initial_size, std::pmr::memory_resource* upstream)
-    : arena_resource(arena_options{.initial_size = initial_size}, upstream) {}
+arena_resource::arena_resource(std::size_t initial_size,
+                               std::pmr::memory_resource* upstream) noexcept
+    : arena_resource(upstream, std_options(initial_size)) {}
 
-arena_resource::arena_resource(void* buffer, std::size_t buffer_size)
+arena_resource::arena_resource(void* buffer, std::size_t buffer_size) noexcept
     : arena_resource(buffer, buffer_size, std::pmr::get_default_resource()) {}
 
 // As std: the first chunk after the buffer is growth_factor times the buffer's size.
+// A null buffer holds nothing, but its size still sets the first chunk's, as in libc++.
 arena_resource::arena_resource(void* buffer, std::size_t buffer_size,
-                               std::pmr::memory_resource* upstream)
-    : arena_resource(arena_options{}, upstream) {
-  if (buffer == nullptr && buffer_size != 0)
-    throw std::invalid_argument("arena_resource: null buffer with a nonzero size");
-  buffer_ = static_cast<std::byte*>(buffer);
-  buffer_size_ = buffer_size;
+                               std::pmr::memory_resource* upstream) noexcept
+    : arena_resource(upstream, arena_options{}) {
+  if (buffer != nullptr) {
+    buffer_ = static_cast<std::byte*>(buffer);
+    buffer_size_ = buffer_size;
+  }
   first_chunk_size_ = next_chunk_size_ =
       grown(std::max<std::size_t>(buffer_size, 1), options_.growth_factor, options_.max_chunk_size);
   begin_ = cur_ = buffer_;
@@ -84,12 +106,12 @@ arena_resource::arena_resource(void* buffer, std::size_t buffer_size,
 }
 
 arena_resource::arena_resource(const arena_options& options, std::pmr::memory_resource* upstream)
-    : upstream_(checked(upstream)),
-      options_(checked(options)),
-      first_chunk_size_(options.initial_size),
-      next_chunk_size_(options.initial_size) {}
+    : arena_resource(checked(upstream), checked(options)) {}
 
-arena_resource::~arena_resource() { free_chunks(first_); }
+arena_resource::~arena_resource() {
+  if (options_.wipe) wipe_from(nullptr, buffer_);
+  free_chunks(first_);
+}
 
 void arena_resource::free_chunks(chunk* c) noexcept {
   while (c != nullptr) {
@@ -114,8 +136,24 @@ void arena_resource::enter(chunk* c, std::uint64_t base) noexcept {
   }
 }
 
+// Zeroes from `position` in region `from` (a chunk, or null for the caller's buffer)
+// up to the current position. Regions are filled in list order, so every region in
+// between was passed through; their tails past the last block are zeroed too.
+void arena_resource::wipe_from(const void* from, std::byte* position) noexcept {
+  auto* c = static_cast<chunk*>(const_cast<void*>(from));
+  std::byte* p = position;
+  while (c != current_) {
+    std::byte* end = c == nullptr ? buffer_ + buffer_size_ : c->end();
+    secure_wipe(p, static_cast<std::size_t>(end - p));
+    c = c == nullptr ? first_ : c->next;
+    p = c->begin();
+  }
+  secure_wipe(p, static_cast<std::size_t>(cur_ - p));
+}
+
 void arena_resource::release() noexcept {
   note_peak();
+  if (options_.wipe) wipe_from(nullptr, buffer_);
   free_chunks(first_);
   first_ = nullptr;
   enter(nullptr, 0);
@@ -127,10 +165,43 @@ void arena_resource::release() noexcept {
 
 void arena_resource::reset() noexcept {
   note_peak();
+  if (options_.wipe) wipe_from(nullptr, buffer_);
+  if (options_.reset_retention != std::numeric_limits<std::size_t>::max())
+    retain(options_.reset_retention);
   enter(nullptr, 0);
   used_ = allocations_ = 0;
   ++epoch_;
   history_.clear();
+}
+
+// Keeps the largest chunks whose sizes add up to at most cap, largest first, and gives
+// the rest back. Growth restarts after the largest kept chunk, so a unit larger than
+// the cap does not leave ever larger chunks behind.
+void arena_resource::retain(std::size_t cap) noexcept {
+  chunk* kept = nullptr;
+  chunk** tail = &kept;
+  std::size_t room = cap;
+  for (;;) {
+    chunk** best = nullptr;
+    for (chunk** c = &first_; *c != nullptr; c = &(*c)->next)
+      if ((*c)->block_size() <= room && (best == nullptr || (*c)->block_size() > (*best)->block_size()))
+        best = c;
+    if (best == nullptr) break;
+    chunk* b = *best;
+    *best = b->next;
+    room -= b->block_size();
+    b->next = nullptr;
+    *tail = b;
+    tail = &b->next;
+  }
+  free_chunks(first_);
+  first_ = kept;
+  current_ = nullptr;
+  next_chunk_size_ =
+      kept == nullptr
+          ? first_chunk_size_
+          : grown(std::max(first_chunk_size_, kept->block_size() - sizeof(chunk)),
+                  options_.growth_factor, options_.max_chunk_size);
 }
 
 void arena_resource::trim() noexcept {
@@ -139,10 +210,22 @@ void arena_resource::trim() noexcept {
   spares = nullptr;
 }
 
+void arena_resource::pop(void* p, std::size_t bytes) noexcept {
+  const std::size_t n = bytes + (bytes == 0);
+  const auto at = reinterpret_cast<std::uintptr_t>(p);
+  if (at + n == reinterpret_cast<std::uintptr_t>(cur_) &&
+      at >= reinterpret_cast<std::uintptr_t>(begin_) && bytes <= used_ && allocations_ > 0) {
+    note_peak();
+    if (options_.wipe) secure_wipe(p, n);
+    cur_ = static_cast<std::byte*>(p);
+    used_ -= bytes;
+    --allocations_;
+    note_pop();
+  }
+}
+
 void* arena_resource::allocate_slow(std::size_t bytes, std::size_t alignment) {
-  if (!std::has_single_bit(alignment))
-    throw type_error("arena_resource: alignment " + std::to_string(alignment) +
-                     " is not a power of two");
+  if (!std::has_single_bit(alignment)) throw bad_alignment();
   const std::size_t n = bytes + (bytes == 0);
   const auto fits = [&](chunk* c) {
     const auto b = reinterpret_cast<std::uintptr_t>(c->begin());
@@ -154,29 +237,38 @@ void* arena_resource::allocate_slow(std::size_t bytes, std::size_t alignment) {
   // The next region starts, logically, where this one ends.
   const std::uint64_t base = base_ + static_cast<std::uint64_t>(end_ - begin_);
   chunk* spare = current_ != nullptr ? current_->next : first_;
-  if (spare != nullptr && fits(spare)) {
+  if (spare != nullptr && fits(spare))
     enter(spare, base);
-  } else {
-    // A fresh block, aligned for the request so it fits at the block's start. Every
-    // check comes before the upstream call, so a failure changes nothing.
-    const std::size_t block_align = std::max(alignment, alignof(std::max_align_t));
-    const std::size_t want = std::max(n, next_chunk_size_);
-    constexpr std::size_t limit = std::numeric_limits<std::size_t>::max();
-    if (want > limit - sizeof(chunk) - (block_granule - 1) || block_align > (limit >> 1))
-      throw std::bad_alloc();
-    const std::size_t size = (want + sizeof(chunk) + block_granule - 1) & ~(block_granule - 1);
-    auto* block = static_cast<std::byte*>(upstream_->allocate(size, block_align));
-    auto* c = ::new (block + size - sizeof(chunk))
-        chunk{spare, size | static_cast<std::size_t>(std::countr_zero(block_align))};
-    (current_ != nullptr ? current_->next : first_) = c;
-    reserved_ += size;
-    ++chunks_;
-    ++upstream_allocations_;
-    next_chunk_size_ = grown(next_chunk_size_, options_.growth_factor, options_.max_chunk_size);
-    enter(c, base);
-  }
+  else
+    enter(static_cast<chunk*>(allocate_chunk(n, alignment)), base);
   // The region now fits the request: the bump cannot fail.
   return arena_resource::do_allocate(bytes, alignment);
+}
+
+// A fresh block, aligned for the request so it fits at the block's start, linked in
+// after the current region. Nothing changes before the upstream call succeeds.
+void* arena_resource::allocate_chunk(std::size_t n, std::size_t alignment) {
+  const std::size_t block_align = std::max(alignment, alignof(std::max_align_t));
+  const std::size_t want = std::max(n, next_chunk_size_);
+  constexpr std::size_t limit = std::numeric_limits<std::size_t>::max();
+  if (want > limit - sizeof(chunk) - (block_granule - 1)) {
+    // Not representable: as libstdc++, ask the upstream for the impossible, so the
+    // caller sees the upstream's own exception.
+    void* p = upstream_->allocate(limit, ~(limit >> 1));
+    upstream_->deallocate(p, limit, ~(limit >> 1));
+    throw std::bad_alloc();
+  }
+  const std::size_t size = (want + sizeof(chunk) + block_granule - 1) & ~(block_granule - 1);
+  auto* block = static_cast<std::byte*>(upstream_->allocate(size, block_align));
+  chunk*& link = current_ != nullptr ? current_->next : first_;
+  auto* c = ::new (block + size - sizeof(chunk))
+      chunk{link, size | static_cast<std::size_t>(std::countr_zero(block_align))};
+  link = c;
+  reserved_ += size;
+  ++chunks_;
+  ++upstream_allocations_;
+  next_chunk_size_ = grown(next_chunk_size_, options_.growth_factor, options_.max_chunk_size);
+  return c;
 }
 
 arena_marker arena_resource::mark() const noexcept {
@@ -205,6 +297,7 @@ bool arena_resource::try_rewind(const arena_marker& m) noexcept {
   const detail::marker_history::key at{m.offset_, m.clock_};
   if (!history_.valid(m.clock_, at)) return false;
   note_peak();
+  if (options_.wipe) wipe_from(m.chunk_, m.position_);
   auto* target = static_cast<chunk*>(m.chunk_);
   enter(target, 0);
   base_ = m.offset_ - static_cast<std::uint64_t>(m.position_ - begin_);
@@ -231,56 +324,5 @@ arena_stats arena_resource::stats() const noexcept {
                      .upstream_allocations = upstream_allocations_};
 }
 
-namespace detail {
-
-// The position's logical offset rises with allocation and falls with rewinds and pops.
-// A marker taken at clock c and key k is valid iff no fall since then went below k,
-// i.e. the smallest key among the falls recorded with clock > c is >= k (the arena
-// then is at or past k too, since it only rose after the last fall). Each fall is
-// kept only while no later one is lower, so the keys increase with the clocks, and
-// the smallest key after c is the first fall with clock > c: one binary search.
-//
-// A fall gets clock clock_ + 1: it applies to every marker taken so far, none taken
-// later. A fall that no valid marker is above is not kept at all: valid markers are
-// in order of clock and of offset, so the newest one, lowered by the falls since,
-// bounds them. So a scope with no marker taken inside, a pop with none taken since the
-// block, and rewinds to one marker again and again leave the history as it was; and
-// two kept falls always have a mark between them, hence distinct clocks.
-void marker_history::fall_to(key k) noexcept {
-  if (highest_ <= k) return;
-  highest_ = k;
-  while (size_ > 0 && falls_[size_ - 1].to >= k) --size_;
-  if (size_ == capacity) merge();
-  falls_[size_++] = fall{clock_ + 1, k};
-}
-
-bool marker_history::valid(std::uint64_t clock, key k) const noexcept {
-  const fall* end = falls_ + size_;
-  const fall* after = std::upper_bound(
-      falls_, end, clock, [](std::uint64_t c, const fall& f) { return c < f.clock; });
-  return after == end || after->to >= k;
-}
-
-// Full: two neighbouring falls i, i+1 become one with the later clock and the lower
-// key. That makes the markers taken between them (after fall i, before fall i+1)
-// above the lower key look stale: a valid marker may be refused, a stale one is never
-// accepted. Of those markers only the ones at or below fall i+1 were valid. When fall
-// i+1 is a rewind whose marker was the first taken after fall i (its clock is fall i's),
-// that marker is the only one: with scopes, one that has ended. The newest such pair
-// is merged, the top fall excluded (its marker may be rewound to again). Failing that,
-// the pair below the top: with scopes, the markers between them are of scopes ended
-// inside the innermost open one (a loop's earlier iterations), while the open scopes
-// were marked before the older falls.
-void marker_history::merge() noexcept {
-  std::size_t i = size_ - 2;
-  while (i > 0 && falls_[i].to.tie != falls_[i - 1].clock) --i;
-  if (i == 0) i = size_ - 2;
-  --i;
-  falls_[i].clock = falls_[i + 1].clock;
-  std::copy(falls_ + i + 2, falls_ + size_, falls_ + i + 1);
-  --size_;
-}
-
-}  // namespace detail
 
 }  // namespace memshuffle

@@ -9,4 +9,8 @@ lease_error::~lease_error() = default;
 type_error::~type_error() = default;
 integrity_error::~integrity_error() = default;
 fork_error::~fork_error() = default;
+bad_alignment::~bad_alignment() = default;
+const char* bad_alignment::what() const noexcept {
+  return "memshuffle: alignment is not a power of two";
+}
 }  // namespace memshuffle

@@ -7,6 +7,7 @@
 // documented fallback, and nothing may leak.
 #include <doctest/doctest.h>
 
+#include <memshuffle/exception_test.hpp>
 #include <memshuffle/shuffler.hpp>
 #include <memshuffle/tracking_resource.hpp>
 
@@ -62,7 +63,8 @@ struct fixture {
     s.emplace(shuffler_options{.cipher = cipher,
                                .shuffle_on_return = on_return,
                                .arena_size = 1024,
-                               .plaintext_resource = windows ? &window : nullptr},
+                               .plaintext_resource = windows ? &window : nullptr,
+                               .plaintext_in_place = !windows},
               &upstream);
     for (std::size_t n : {8u, 24u, 200u, 2000u}) add(s->alloc<std::uint64_t>(n / 8));
     add(s->create<std::uint32_t>());
@@ -132,57 +134,46 @@ struct fixture {
   }
 };
 
-void arm(fixture& f, source src, long n) {
-  if (src == source::upstream) f.recording.fail_after(static_cast<std::size_t>(n));
-  else testing::failing_new::fail_at(n);
-}
-// Disarms, and tells whether a failure was injected since `before`.
-bool disarm(fixture& f, source src, std::size_t before) {
-  f.recording.fail_never();
-  testing::failing_new::fail_at(-1);
-  return src == source::upstream ? f.recording.failures_injected() != before
-                                 : static_cast<std::size_t>(testing::failing_new::failures()) != before;
-}
-std::size_t injected(fixture& f, source src) {
-  return src == source::upstream ? f.recording.failures_injected()
-                                 : static_cast<std::size_t>(testing::failing_new::failures());
+// The failure source as the exception-test helper drives it.
+failure_injection injection(fixture& f, source src) {
+  if (src == source::upstream)
+    return {[&f](std::size_t n) { f.recording.fail_after(n); }, [&f] { f.recording.fail_never(); },
+            [&f] { return f.recording.failures_injected(); }, nullptr};
+  return {[](std::size_t n) { testing::failing_new::fail_at(static_cast<long>(n)); },
+          [] { testing::failing_new::fail_at(-1); },
+          [] { return static_cast<std::size_t>(testing::failing_new::failures()); }, nullptr};
 }
 
 // Runs op with the N-th allocation from src failing, for N = 0, 1, ... until op runs
-// with no failure injected. An op that throws std::bad_alloc must leave the fixture's
-// state exactly as before; one that completes despite a failure must satisfy
-// `completed` (and so must the final, failure-free run). Returns how many runs failed.
+// with no failure injected (memshuffle::exception_test). An op that throws
+// std::bad_alloc must leave the fixture's state exactly as before (what the upstream
+// has outstanding included, so nothing leaked); one that completes despite a failure
+// must satisfy `completed` (and so must the final, failure-free run). Returns how many
+// runs met a failure.
 int fail_each_allocation(fixture& f, source src, bool on_return,
                          const std::function<void()>& op,
                          const std::function<void()>& completed) {
-  int failures = 0;
-  for (long n = 0;; ++n) {
-    CAPTURE(n);
-    const state before = f.observe();
+  state before;
+  exception_test_options o;
+  o.before_run = [&](std::size_t) {
+    before = f.observe();
     f.restore_policy(on_return);
-    const std::size_t count = injected(f, src);
-    bool threw = false;
-    arm(f, src, n);
-    try {
-      op();
-    } catch (const std::bad_alloc&) {
-      threw = true;
-    }
-    const bool failed = disarm(f, src, count);
-    if (threw) {
-      REQUIRE(failed);  // a bad_alloc we did not inject would be a real failure
-      ++failures;
-      const state after = f.observe();
-      f.restore_policy(on_return);
-      CHECK(after == before);
-      continue;
-    }
+  };
+  o.after_failure = [&](std::size_t n) {
+    CAPTURE(n);
+    const state after = f.observe();
+    f.restore_policy(on_return);
+    CHECK(after == before);
+  };
+  o.after_completion = [&](std::size_t n) {
+    CAPTURE(n);
     completed();
     f.check_values(f.observe());
     f.restore_policy(on_return);
-    if (!failed) return failures;
-    ++failures;
-  }
+  };
+  const auto result = exception_test(injection(f, src), op, o);
+  CHECK(result.completed);
+  return static_cast<int>(result.failed_runs + result.absorbed_runs);
 }
 
 constexpr cipher_kind ciphers[] = {cipher_kind::none, cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm};

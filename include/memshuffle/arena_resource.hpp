@@ -5,26 +5,39 @@
 // work stops calling its upstream once it has grown to the work's size.
 //
 // Not synchronized, like std's monotonic resource: guard it yourself when shared.
-// Errors: an alignment that is not a power of two throws memshuffle::type_error; bad
-// constructor arguments and bad markers throw std::invalid_argument; a request whose
-// size cannot be represented, or an upstream failure, throws std::bad_alloc. In every
-// case the arena is left exactly as before the call.
-#include <compare>
+// Errors: allocate() throws only what the upstream throws (a request too large to
+// represent is passed on as an impossible one, as libstdc++ does), and std::bad_alloc
+// for an alignment that is not a power of two, as every memshuffle resource does. Bad
+// options and bad markers throw std::invalid_argument. In every case the arena is left
+// exactly as before the call.
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <memory_resource>
 
+#include <memshuffle/detail/marker_history.hpp>
+
 namespace memshuffle {
 
 // The defaults reproduce libstdc++'s monotonic_buffer_resource: a first chunk of
-// 128 pointers' worth of bytes, each next chunk 1.5 times larger, no upper bound.
+// 128 pointers' worth of bytes, each next chunk 1.5 times larger, no upper bound, and
+// deallocate() without effect. The rest are extensions, all off by default.
 struct arena_options {
   std::size_t initial_size = 128 * sizeof(void*);  // usable bytes of the first chunk; > 0
   double growth_factor = 1.5;                       // >= 1 and finite
   // Chunks stop growing here (>= initial_size); a larger single request still gets a
   // chunk of its own.
   std::size_t max_chunk_size = std::numeric_limits<std::size_t>::max();
+  // deallocate() of the most recent block gives its bytes back, so the next allocation
+  // reuses them. Off: deallocate() has no effect, as the standard's.
+  bool reuse_last_block = false;
+  // Zero the bytes handed out before they are reused or go back upstream: on
+  // release(), reset(), rewind(), the end of an arena_scope, a reused last block, and
+  // destruction.
+  bool wipe = false;
+  // reset() keeps at most this many bytes of chunks (the largest that fit, in their
+  // order) and gives the rest back upstream; growth restarts from the largest kept.
+  std::size_t reset_retention = std::numeric_limits<std::size_t>::max();
 };
 
 struct arena_stats {
@@ -55,86 +68,70 @@ class arena_marker {
   std::uint64_t clock_ = 0;   // when it was taken, among marks
 };
 
-namespace detail {
-
-// Tells stale markers from valid ones in constant space: the arena's position, as a
-// logical offset, and the times it fell. A marker is valid while the position has not
-// fallen below it since it was taken. Details in lib/arena_resource.cpp.
-class marker_history {
- public:
-  // A position with a tie-break: a rewind to marker m falls to (offset, m's clock), so
-  // markers taken after m at the same offset are behind it; a pop falls to (offset, max).
-  struct key {
-    std::uint64_t offset;
-    std::uint64_t tie;
-    auto operator<=>(const key&) const = default;
-  };
-
-  // The new marker's clock.
-  std::uint64_t mark(std::uint64_t offset) noexcept {
-    ++clock_;
-    highest_ = key{offset, clock_};
-    return clock_;
-  }
-  void fall_to(key k) noexcept;
-  bool valid(std::uint64_t clock, key k) const noexcept;
-  void clear() noexcept {
-    size_ = 0;
-    highest_ = key{0, 0};
-  }
-
- private:
-  struct fall {
-    std::uint64_t clock;  // the first mark clock it does not apply to
-    key to;
-  };
-  static constexpr std::size_t capacity = 32;
-  void merge() noexcept;
-
-  std::uint64_t clock_ = 0;
-  key highest_{0, 0};  // no valid marker is above it
-  std::size_t size_ = 0;
-  fall falls_[capacity];  // clocks and keys strictly increasing
-};
-
-}  // namespace detail
-
 class arena_resource : public std::pmr::memory_resource {
  public:
-  // The six constructors of std::pmr::monotonic_buffer_resource. Null upstream, zero
-  // initial_size, or a null buffer with a nonzero size throw std::invalid_argument.
-  arena_resource();
-  explicit arena_resource(std::pmr::memory_resource* upstream);
-  explicit arena_resource(std::size_t initial_size);
-  arena_resource(std::size_t initial_size, std::pmr::memory_resource* upstream);
-  arena_resource(void* buffer, std::size_t buffer_size);
-  arena_resource(void* buffer, std::size_t buffer_size, std::pmr::memory_resource* upstream);
-  // Bad options throw std::invalid_argument.
+  // The six constructors of std::pmr::monotonic_buffer_resource, noexcept as
+  // libstdc++'s. Their arguments are what both standard libraries accept.
+
+  /// \effects As arena_resource(std::pmr::get_default_resource()).
+  arena_resource() noexcept;
+  /// \effects An empty arena over `upstream`; the first chunk is 128 pointers' worth of bytes.
+  /// \requires `upstream` is not null (checked with debug_checks).
+  explicit arena_resource(std::pmr::memory_resource* upstream) noexcept;
+  /// \effects As arena_resource(initial_size, std::pmr::get_default_resource()).
+  explicit arena_resource(std::size_t initial_size) noexcept;
+  /// \effects An empty arena whose first chunk holds `initial_size` bytes (0 is taken as 1).
+  /// \requires `upstream` is not null (checked with debug_checks).
+  arena_resource(std::size_t initial_size, std::pmr::memory_resource* upstream) noexcept;
+  /// \effects As arena_resource(buffer, buffer_size, std::pmr::get_default_resource()).
+  arena_resource(void* buffer, std::size_t buffer_size) noexcept;
+  /// \effects An arena that fills `buffer` first, then chunks from `upstream`, the first
+  /// of them growth_factor times `buffer_size`. A null `buffer` is no buffer (as libc++):
+  /// `buffer_size` then only sets the first chunk's size.
+  /// \requires `upstream` is not null (checked with debug_checks); a non-null `buffer`
+  /// has `buffer_size` writable bytes and outlives the arena.
+  arena_resource(void* buffer, std::size_t buffer_size,
+                 std::pmr::memory_resource* upstream) noexcept;
+  /// \effects An empty arena over `upstream` with the given chunk sizes and extensions.
+  /// \throws std::invalid_argument for a null `upstream` or options outside their ranges.
   explicit arena_resource(const arena_options& options,
                           std::pmr::memory_resource* upstream = std::pmr::get_default_resource());
 
   arena_resource(const arena_resource&) = delete;
   arena_resource& operator=(const arena_resource&) = delete;
+  /// \effects release().
   ~arena_resource() override;
 
-  // As std: gives every chunk back and returns to the state right after construction,
-  // the caller's buffer and the first chunk size included (LWG 3120).
+  /// \effects As std: gives every chunk back and returns to the state right after
+  /// construction, the caller's buffer and the first chunk size included (LWG 3120).
+  /// Wipes first with options().wipe.
   void release() noexcept;
-  // Rewinds to empty and keeps every chunk for reuse.
+  /// \effects Rewinds to empty and keeps the chunks for reuse, at most
+  /// options().reset_retention bytes of them. Wipes first with options().wipe.
   void reset() noexcept;
-  // Gives back the chunks that hold nothing after a reset() or rewind().
+  /// \effects Gives back the chunks that hold nothing after a reset() or rewind().
   void trim() noexcept;
 
+  /// \returns The current position, for rewind().
   arena_marker mark() const noexcept;
-  // Frees everything allocated since m was taken; keeps the chunks. A marker from
-  // another arena or no longer valid throws std::invalid_argument.
+  /// \effects Frees everything allocated since `m` was taken and keeps the chunks; wipes
+  /// it first with options().wipe.
+  /// \throws std::invalid_argument, changing nothing, for a marker from another arena or
+  /// no longer valid.
   void rewind(const arena_marker& m);
 
+  /// \returns The usage figures; peak_bytes_used includes the current use.
   arena_stats stats() const noexcept;
+  /// \returns The upstream given at construction.
   std::pmr::memory_resource* upstream_resource() const noexcept { return upstream_; }
+  /// \returns The options in force (those of the std constructors: the defaults, with
+  /// initial_size set).
+  const arena_options& options() const noexcept { return options_; }
 
  protected:
   // The common case is a bump within the current chunk, inline; the rest is in lib/.
+  // Throws only what the upstream throws, and std::bad_alloc for an alignment that is
+  // not a power of two (a precondition of memory_resource::allocate).
   void* do_allocate(std::size_t bytes, std::size_t alignment) override {
     const std::size_t n = bytes + (bytes == 0);  // distinct pointers for zero bytes, as std
     const auto cur = reinterpret_cast<std::uintptr_t>(cur_);
@@ -151,18 +148,11 @@ class arena_resource : public std::pmr::memory_resource {
     return allocate_slow(bytes, alignment);
   }
 
-  // Gives the bytes back when p is the most recent allocation; otherwise nothing.
+  // No effect, as std; with options().reuse_last_block, gives the bytes back when p is
+  // the most recent allocation.
   void do_deallocate(void* p, std::size_t bytes, std::size_t) override {
-    const std::size_t n = bytes + (bytes == 0);
-    const auto at = reinterpret_cast<std::uintptr_t>(p);
-    if (at + n == reinterpret_cast<std::uintptr_t>(cur_) &&
-        at >= reinterpret_cast<std::uintptr_t>(begin_) && bytes <= used_ && allocations_ > 0) {
-      note_peak();
-      cur_ = static_cast<std::byte*>(p);
-      used_ -= bytes;
-      --allocations_;
-      note_pop();
-    }
+    if (reuse_last_block_) [[unlikely]]
+      pop(p, bytes);
   }
 
   bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override {
@@ -173,7 +163,12 @@ class arena_resource : public std::pmr::memory_resource {
   friend class arena_scope;
   struct chunk;  // the header at the end of each upstream block
 
+  arena_resource(std::pmr::memory_resource* upstream, const arena_options& options) noexcept;
   void* allocate_slow(std::size_t bytes, std::size_t alignment);
+  void* allocate_chunk(std::size_t bytes, std::size_t alignment);
+  void pop(void* p, std::size_t bytes) noexcept;
+  void wipe_from(const void* chunk, std::byte* position) noexcept;
+  void retain(std::size_t cap) noexcept;
   bool try_rewind(const arena_marker& m) noexcept;
   void enter(chunk* c, std::uint64_t base) noexcept;
   void free_chunks(chunk* first) noexcept;
@@ -191,6 +186,7 @@ class arena_resource : public std::pmr::memory_resource {
   std::size_t used_ = 0;
   std::byte* begin_ = nullptr;
   std::size_t allocations_ = 0;
+  bool reuse_last_block_ = false;
 
   // Chunks in the order they are filled; those after current_ are spares kept by
   // reset() and rewind(). current_ == nullptr: the caller's buffer is being filled.
@@ -217,11 +213,14 @@ class arena_resource : public std::pmr::memory_resource {
 // touching the arena.
 class arena_scope {
  public:
+  /// \effects Marks `arena`. \requires `arena` outlives the scope.
   explicit arena_scope(arena_resource& arena) noexcept : arena_(arena), marker_(arena.mark()) {}
   arena_scope(const arena_scope&) = delete;
   arena_scope& operator=(const arena_scope&) = delete;
+  /// \effects Rewinds the arena to the mark, if the mark is still valid.
   ~arena_scope() { arena_.try_rewind(marker_); }
 
+  /// \returns The mark taken at construction.
   const arena_marker& marker() const noexcept { return marker_; }
 
  private:

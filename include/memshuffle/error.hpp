@@ -1,6 +1,7 @@
 #pragma once
 // The exceptions memshuffle throws. std::bad_alloc from an upstream resource is
 // passed through unchanged and is not wrapped in these.
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -30,7 +31,7 @@ class lease_error : public error {
   ~lease_error() override;
 };
 
-/// A type larger than the entry or misaligned for it, n == 0, a bad alignment.
+/// A type larger than the entry or misaligned for it, or n == 0.
 class type_error : public error {
  public:
   /// \effects As error's constructors.
@@ -53,6 +54,16 @@ class fork_error : public error {
   /// \effects As error's constructors.
   using error::error;
   ~fork_error() override;
+};
+
+/// An alignment that is not a power of two, given to a memshuffle resource's allocate().
+/// A std::bad_alloc, as the standard's new_delete_resource throws for one, so code
+/// written for std resources handles it the same way; it says what was wrong.
+class bad_alignment : public std::bad_alloc {
+ public:
+  /// \returns A message naming the problem.
+  const char* what() const noexcept override;
+  ~bad_alignment() override;
 };
 
 }  // namespace memshuffle
