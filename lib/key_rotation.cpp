@@ -42,8 +42,10 @@ void shuffler::synchronized::rotate(std::unique_lock<std::mutex>& lk, const key_
   }
 }
 
+// Always the library's secret memory: no lease of the user's is open, so the user's
+// plaintext_resource (which may be ordinary memory) has no say here.
 std::pmr::memory_resource* shuffler::impl::scratch_resource() const noexcept {
-  return opt.plaintext_resource != nullptr ? opt.plaintext_resource : detail::secret_memory();
+  return detail::secret_memory();
 }
 
 void shuffler::impl::scratch_buffer::reset(std::size_t bytes) {

@@ -239,7 +239,7 @@ struct shuffler::impl {
     outcome result;
   };
 
-  // The scratch buffer of a rotation, from secret memory (or the plaintext_resource).
+  // The scratch buffer of a rotation, from secret memory.
   class scratch_buffer {
    public:
     explicit scratch_buffer(std::pmr::memory_resource* r) noexcept : r_(r) {}
