@@ -11,6 +11,6 @@ integrity_error::~integrity_error() = default;
 fork_error::~fork_error() = default;
 bad_alignment::~bad_alignment() = default;
 const char* bad_alignment::what() const noexcept {
-  return "memshuffle: alignment is not a power of two";
+  return "memshuffle: alignment is not a power of two, or is larger than the resource supports";
 }
 }  // namespace memshuffle

@@ -1,6 +1,7 @@
 #include <memshuffle/secret_pool_resource.hpp>
 
 #include <memshuffle/detail/assert.hpp>
+#include <memshuffle/error.hpp>
 #include <memshuffle/secure_wipe.hpp>
 
 #include "fork_epoch.hpp"
@@ -295,10 +296,7 @@ secret_pool_stats secret_pool_resource::stats() const {
 }
 
 void* secret_pool_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
-  if (!power_of_two(alignment) || alignment > detail::page_size())
-    throw std::invalid_argument("memshuffle::secret_pool_resource: alignment " +
-                                std::to_string(alignment) +
-                                " is not a power of two no larger than the page size");
+  if (!power_of_two(alignment) || alignment > detail::page_size()) throw bad_alignment();
   auto& s = *state_;
   std::lock_guard lock(s.m);
   if (s.epoch != detail::fork_epoch()) s.leave_parent();

@@ -1,4 +1,5 @@
 #include <memshuffle/secure_page_resource.hpp>
+#include <memshuffle/error.hpp>
 #include <memshuffle/secure_wipe.hpp>
 
 #include <sys/mman.h>
@@ -40,11 +41,7 @@ bool secure_page_resource::locked() const {
 
 void* secure_page_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
   const std::size_t page = page_size();
-  if (!std::has_single_bit(alignment) || alignment > page)
-    throw std::invalid_argument("memshuffle::secure_page_resource: alignment " +
-                                std::to_string(alignment) +
-                                " is not a power of two no larger than the page size " +
-                                std::to_string(page));
+  if (!std::has_single_bit(alignment) || alignment > page) throw bad_alignment();
   const std::size_t wanted = bytes == 0 ? 1 : bytes;
   if (wanted > SIZE_MAX - 3 * page) throw std::bad_alloc();
   const std::size_t usable = (wanted + page - 1) / page * page;

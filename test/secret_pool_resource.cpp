@@ -3,6 +3,7 @@
 // shuffler entries with 500 open windows under a 64 KiB lock budget.
 #include <doctest/doctest.h>
 
+#include <memshuffle/error.hpp>
 #include <memshuffle/secret_pool_resource.hpp>
 #include <memshuffle/shuffler.hpp>
 #include <test/support/child_process.hpp>
@@ -98,13 +99,13 @@ TEST_CASE("every size class keeps its alignment and larger blocks get pages of t
   CHECK(s.bad_deallocations == 0);
 }
 
-TEST_CASE("an alignment above the page size or not a power of two is refused and changes nothing") {
+TEST_CASE("an alignment above the page size or not a power of two is bad_alignment and changes nothing") {
   secret_pool_resource pool;
   void* keep = pool.allocate(32);
   const auto before = pool.stats();
   for (std::size_t bad : {page * 2, std::size_t{0}, std::size_t{48}}) {
     CAPTURE(bad);
-    CHECK_THROWS_AS((void)pool.allocate(32, bad), std::invalid_argument);
+    CHECK_THROWS_AS((void)pool.allocate(32, bad), memshuffle::bad_alignment);
   }
   CHECK(pool.stats().total_allocations == before.total_allocations);
   CHECK(pool.stats().bytes_mapped == before.bytes_mapped);

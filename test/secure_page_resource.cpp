@@ -3,6 +3,7 @@
 // dump exclusion, and unmapping.
 #include <doctest/doctest.h>
 
+#include <memshuffle/error.hpp>
 #include <memshuffle/secure_page_resource.hpp>
 #include <test/support/child_process.hpp>
 #include <test/support/smaps.hpp>
@@ -76,14 +77,14 @@ TEST_CASE("a secure page allocation keeps every alignment up to the page size") 
   CHECK(r.stats().allocations == 0);
 }
 
-TEST_CASE("an alignment above the page size or not a power of two is refused and changes nothing") {
+TEST_CASE("an alignment above the page size or not a power of two is bad_alignment and changes nothing") {
   secure_page_resource r;
   void* keep = r.allocate(64);
   const auto before = r.stats();
-  CHECK_THROWS_AS((void)r.allocate(64, page * 2), std::invalid_argument);
+  CHECK_THROWS_AS((void)r.allocate(64, page * 2), memshuffle::bad_alignment);
   for (std::size_t not_a_power_of_two : {48, 0, 3}) {
     CAPTURE(not_a_power_of_two);
-    CHECK_THROWS_AS((void)r.allocate(64, not_a_power_of_two), std::invalid_argument);
+    CHECK_THROWS_AS((void)r.allocate(64, not_a_power_of_two), memshuffle::bad_alignment);
   }
   const auto after = r.stats();
   CHECK(after.allocations == before.allocations);

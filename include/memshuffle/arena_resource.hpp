@@ -6,8 +6,9 @@
 //
 // Not synchronized, like std's monotonic resource: guard it yourself when shared.
 // Errors: allocate() throws only what the upstream throws (a request too large to
-// represent is passed on as an impossible one, as libstdc++ does), and std::bad_alloc
-// for an alignment that is not a power of two, as every memshuffle resource does. Bad
+// represent is passed on as an impossible one, as libstdc++ does), and bad_alignment
+// (a std::bad_alloc) for an alignment that is not a power of two, as every memshuffle
+// resource does. Bad
 // options and bad markers throw std::invalid_argument. In every case the arena is left
 // exactly as before the call.
 #include <cstddef>
@@ -19,42 +20,47 @@
 
 namespace memshuffle {
 
-// The defaults reproduce libstdc++'s monotonic_buffer_resource: a first chunk of
-// 128 pointers' worth of bytes, each next chunk 1.5 times larger, no upper bound, and
-// deallocate() without effect. The rest are extensions, all off by default.
+/// The chunk sizes and extensions of an arena_resource.
+///
+/// The defaults reproduce libstdc++'s monotonic_buffer_resource: a first chunk of
+/// 128 pointers' worth of bytes, each next chunk 1.5 times larger, no upper bound, and
+/// deallocate() without effect. The rest are extensions, all off by default.
 struct arena_options {
-  std::size_t initial_size = 128 * sizeof(void*);  // usable bytes of the first chunk; > 0
-  double growth_factor = 1.5;                       // >= 1 and finite
-  // Chunks stop growing here (>= initial_size); a larger single request still gets a
-  // chunk of its own.
+  std::size_t initial_size = 128 * sizeof(void*);  ///< usable bytes of the first chunk; > 0
+  double growth_factor = 1.5;                       ///< >= 1 and finite
+  /// Chunks stop growing here (>= initial_size); a larger single request still gets a
+  /// chunk of its own.
   std::size_t max_chunk_size = std::numeric_limits<std::size_t>::max();
-  // deallocate() of the most recent block gives its bytes back, so the next allocation
-  // reuses them. Off: deallocate() has no effect, as the standard's.
+  /// deallocate() of the most recent block gives its bytes back, so the next allocation
+  /// reuses them. Off: deallocate() has no effect, as the standard's.
   bool reuse_last_block = false;
-  // Zero the bytes handed out before they are reused or go back upstream: on
-  // release(), reset(), rewind(), the end of an arena_scope, a reused last block, and
-  // destruction.
+  /// Zero the bytes handed out before they are reused or go back upstream: on
+  /// release(), reset(), rewind(), the end of an arena_scope, a reused last block, and
+  /// destruction.
   bool wipe = false;
-  // reset() keeps at most this many bytes of chunks (the largest that fit, in their
-  // order) and gives the rest back upstream; growth restarts from the largest kept.
+  /// reset() keeps at most this many bytes of chunks (the largest that fit, in their
+  /// order) and gives the rest back upstream; growth restarts from the largest kept.
   std::size_t reset_retention = std::numeric_limits<std::size_t>::max();
 };
 
+/// The usage figures of an arena_resource, from stats().
 struct arena_stats {
-  std::size_t bytes_used = 0;       // requested bytes handed out, not yet rewound or popped
-  std::size_t bytes_reserved = 0;   // bytes held from the upstream (the caller's buffer excluded)
-  std::size_t chunks = 0;           // blocks held from the upstream
-  std::size_t allocations = 0;      // allocations counted in bytes_used
-  std::size_t peak_bytes_used = 0;  // highest bytes_used since construction
-  std::size_t upstream_allocations = 0;  // calls to the upstream's allocate since construction
+  std::size_t bytes_used = 0;       ///< requested bytes handed out, not yet rewound or popped
+  std::size_t bytes_reserved = 0;   ///< bytes held from the upstream (the caller's buffer excluded)
+  std::size_t chunks = 0;           ///< blocks held from the upstream
+  std::size_t allocations = 0;      ///< allocations counted in bytes_used
+  std::size_t peak_bytes_used = 0;  ///< highest bytes_used since construction
+  std::size_t upstream_allocations = 0;  ///< calls to the upstream's allocate since construction
 };
 
 class arena_resource;
 
-// A position in an arena, from mark(). Valid for rewind() until the arena is reset or
-// released, rewound to a marker taken before it, or its position is given back by
-// deallocating the most recent block. Rewinding to it again, or to a marker taken
-// before it, is fine; markers taken after it are stale once it is rewound to.
+/// A position in an arena, from arena_resource::mark().
+///
+/// Valid for rewind() until the arena is reset or released, rewound to a marker taken
+/// before it, or its position is given back by deallocating the most recent block.
+/// Rewinding to it again, or to a marker taken before it, is fine; markers taken after
+/// it are stale once it is rewound to.
 class arena_marker {
  private:
   friend class arena_resource;
@@ -68,6 +74,9 @@ class arena_marker {
   std::uint64_t clock_ = 0;   // when it was taken, among marks
 };
 
+/// Chunked bump allocation over an upstream resource: a drop-in for
+/// std::pmr::monotonic_buffer_resource that can also rewind (reset(), mark() and
+/// rewind(), arena_scope) and keep its chunks for reuse. Not synchronized.
 class arena_resource : public std::pmr::memory_resource {
  public:
   // The six constructors of std::pmr::monotonic_buffer_resource, noexcept as
@@ -130,8 +139,12 @@ class arena_resource : public std::pmr::memory_resource {
 
  protected:
   // The common case is a bump within the current chunk, inline; the rest is in lib/.
-  // Throws only what the upstream throws, and std::bad_alloc for an alignment that is
-  // not a power of two (a precondition of memory_resource::allocate).
+
+  /// \effects Hands out `bytes` (distinct pointers for 0) at `alignment` from the
+  /// current chunk, taking a new chunk from the upstream when it does not fit.
+  /// \returns A block of at least `bytes` bytes aligned to `alignment`.
+  /// \throws bad_alignment (a std::bad_alloc) for an alignment that is not a power of
+  /// two; otherwise only what the upstream throws. Nothing changes when it throws.
   void* do_allocate(std::size_t bytes, std::size_t alignment) override {
     const std::size_t n = bytes + (bytes == 0);  // distinct pointers for zero bytes, as std
     const auto cur = reinterpret_cast<std::uintptr_t>(cur_);
@@ -148,13 +161,14 @@ class arena_resource : public std::pmr::memory_resource {
     return allocate_slow(bytes, alignment);
   }
 
-  // No effect, as std; with options().reuse_last_block, gives the bytes back when p is
-  // the most recent allocation.
+  /// \effects None, as std; with options().reuse_last_block, gives the bytes back
+  /// (wiped with options().wipe) when `p` is the most recent allocation.
   void do_deallocate(void* p, std::size_t bytes, std::size_t) override {
     if (reuse_last_block_) [[unlikely]]
       pop(p, bytes);
   }
 
+  /// \returns Whether `other` is this very arena.
   bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override {
     return this == &other;
   }
@@ -208,9 +222,10 @@ class arena_resource : public std::pmr::memory_resource {
   mutable detail::marker_history history_;  // mark() counts marks, hence mutable
 };
 
-// Marks the arena when made and rewinds to the mark when it ends. If its marker went
-// stale meanwhile (a reset, a release, a rewind to an earlier marker), it ends without
-// touching the arena.
+/// Marks an arena when made and rewinds to the mark when it ends.
+///
+/// If its marker went stale meanwhile (a reset, a release, a rewind to an earlier
+/// marker), it ends without touching the arena.
 class arena_scope {
  public:
   /// \effects Marks `arena`. \requires `arena` outlives the scope.

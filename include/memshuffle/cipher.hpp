@@ -13,17 +13,26 @@
 
 namespace memshuffle {
 
-enum class cipher_kind { none, aes_256_ctr, aes_256_gcm };
+/// The algorithm of a cipher.
+enum class cipher_kind {
+  none,         ///< no encryption: data is left as it is
+  aes_256_ctr,  ///< AES-256 in counter mode, unauthenticated
+  aes_256_gcm,  ///< AES-256-GCM, authenticated
+};
 
+/// A 256-bit key.
 using key_type = std::array<std::byte, 32>;
+/// An 8-byte salt.
 using salt_type = std::array<std::byte, 8>;
 
+/// Seals and opens byte ranges in place under one key; the key material lives in
+/// secret memory. Thread safe for seal() and open().
 class cipher {
  public:
-  static constexpr std::size_t key_size = 32;
-  static constexpr std::size_t ctr_iv_size = 16;   // a full initial counter block
-  static constexpr std::size_t gcm_nonce_size = 12;  // the recommended GCM nonce size
-  static constexpr std::size_t gcm_tag_size = 16;
+  static constexpr std::size_t key_size = 32;        ///< bytes of key every kind takes
+  static constexpr std::size_t ctr_iv_size = 16;     ///< a full initial counter block
+  static constexpr std::size_t gcm_nonce_size = 12;  ///< the recommended GCM nonce size
+  static constexpr std::size_t gcm_tag_size = 16;    ///< bytes of tag GCM writes
 
   /// \effects Makes a cipher of `kind` under `key`. The expanded key (and, for GCM,
   ///          the hash key tables of each pooled GCM object and a copy of the key,

@@ -48,17 +48,20 @@ inline const char* lasting(const std::string& s) {
 
 }  // namespace detail
 
-// RAII: installs a tracking_resource (over the current default) as the default
-// resource; when the scope ends it restores the previous default and, if anything
-// allocated in the scope is still live or any deallocation was bad, fails the current
-// test case with the report, at the line that allocated the first leak when stacks are
-// captured (at the scope's own line otherwise). Leaked blocks are then given back, so
-// one failing test does not leave memory behind for the rest of the run or for
-// LeakSanitizer. Everything allocated inside the scope must be freed before it ends:
-// declare it first in the test case.
+/// RAII: installs a tracking_resource (over the current default) as the default
+/// resource; when the scope ends it restores the previous default and, if anything
+/// allocated in the scope is still live or any deallocation was bad, fails the current
+/// test case with the report, at the line that allocated the first leak when stacks are
+/// captured (at the scope's own line otherwise). Leaked blocks are then given back, so
+/// one failing test does not leave memory behind for the rest of the run or for
+/// LeakSanitizer. Everything allocated inside the scope must be freed before it ends:
+/// declare it first in the test case.
 class leak_check {
  public:
-  /// \effects Installs the tracking resource as the default resource.
+  /// \effects Installs a tracking resource with `options` over the current default as
+  /// the default resource; `file` and `line` are where a failure is reported without
+  /// captured stacks.
+  /// \throws std::bad_alloc, the default resource then unchanged.
   explicit leak_check(tracking_options options = {},
                       const char* file = __builtin_FILE(), int line = __builtin_LINE())
       : previous_(std::pmr::get_default_resource()),

@@ -56,7 +56,8 @@ class fork_error : public error {
   ~fork_error() override;
 };
 
-/// An alignment that is not a power of two, given to a memshuffle resource's allocate().
+/// An alignment that is not a power of two (or, for the page-granular resources for
+/// secrets, one above the page size) given to a memshuffle resource's allocate().
 /// A std::bad_alloc, as the standard's new_delete_resource throws for one, so code
 /// written for std resources handles it the same way; it says what was wrong.
 class bad_alignment : public std::bad_alloc {

@@ -25,12 +25,12 @@
 
 namespace memshuffle {
 
-// Where failures are injected, and where leaks are looked for.
+/// Where failures are injected, and where leaks are looked for.
 struct failure_injection {
-  std::function<void(std::size_t n)> fail_after;  // the n-th allocation from now fails, once
-  std::function<void()> fail_never;
-  std::function<std::size_t()> failures_injected;  // a count that rises with each failure
-  tracking_resource* leak_check = nullptr;         // checked after each failed run, when set
+  std::function<void(std::size_t n)> fail_after;  ///< the n-th allocation from now fails, once
+  std::function<void()> fail_never;                ///< cancels fail_after
+  std::function<std::size_t()> failures_injected;  ///< a count that rises with each failure
+  tracking_resource* leak_check = nullptr;         ///< checked after each failed run, when set
 };
 
 /// \returns The injection of `r`'s own fail_after(), with leaks checked on `r`.
@@ -39,27 +39,33 @@ inline failure_injection inject_into(tracking_resource& r) {
           [&r] { return r.stats().injected_failures; }, &r};
 }
 
+/// How exception_test() runs, and the hooks it calls between runs.
+///
+/// The hooks are called with failures off, with the number of the allocation that
+/// fails (0: the first): before each run, after a run that threw the injected
+/// std::bad_alloc, and after a run that completed. A test checks its strong guarantee
+/// in them.
 struct exception_test_options {
-  std::size_t max_runs = 100000;  // gives up (completed == false) after this many
-  // Called with failures off, with the number of the allocation that fails (0: the
-  // first): before each run, after a run that threw the injected std::bad_alloc, and
-  // after a run that completed. A test checks its strong guarantee in them.
-  std::function<void(std::size_t)> before_run, after_failure, after_completion;
+  std::size_t max_runs = 100000;  ///< gives up (completed == false) after this many
+  std::function<void(std::size_t)> before_run;        ///< before each run
+  std::function<void(std::size_t)> after_failure;     ///< after a run that threw the injected failure
+  std::function<void(std::size_t)> after_completion;  ///< after a run that completed
 };
 
-// A failed run that left allocations behind: they were made during the run and are
-// still live after it threw.
+/// A failed run that left allocations behind: they were made during the run and are
+/// still live after it threw.
 struct exception_test_leak {
-  std::size_t failing_allocation = 0;
-  std::vector<allocation_record> blocks;
+  std::size_t failing_allocation = 0;     ///< the number of the allocation that failed (0: the first)
+  std::vector<allocation_record> blocks;  ///< the blocks left live
 };
 
+/// What exception_test() found.
 struct exception_test_result {
-  std::size_t runs = 0;           // every run, the last one included
-  std::size_t failed_runs = 0;    // runs that ended in the injected std::bad_alloc
-  std::size_t absorbed_runs = 0;  // runs that completed although an allocation failed
-  bool completed = false;         // a run went through with no failure injected
-  std::vector<exception_test_leak> leaks;
+  std::size_t runs = 0;           ///< every run, the last one included
+  std::size_t failed_runs = 0;    ///< runs that ended in the injected std::bad_alloc
+  std::size_t absorbed_runs = 0;  ///< runs that completed although an allocation failed
+  bool completed = false;         ///< a run went through with no failure injected
+  std::vector<exception_test_leak> leaks;  ///< one entry per failed run that leaked
 };
 
 /// \effects Runs `body` (callable with no argument or with the failing allocation's

@@ -7,6 +7,7 @@
 
 namespace memshuffle {
 
+/// Where a resource for secrets gets its pages.
 enum class secret_backend {
   automatic,      ///< secret_memory where the kernel gives it, else locked_pages (reported)
   secret_memory,  ///< memfd_secret(2): gone from the kernel's direct map, absent in a fork child
@@ -30,7 +31,7 @@ struct secret_memory_report {
   secret_backend backend = secret_backend::locked_pages;  ///< never automatic
   bool locked = true;                 ///< every live page is locked in RAM (never swapped)
   bool excluded_from_dumps = true;    ///< every page is left out of core dumps
-  fork_behaviour in_fork_child = fork_behaviour::zeroed;
+  fork_behaviour in_fork_child = fork_behaviour::zeroed;  ///< what a fork child finds there
   bool guard_pages = true;            ///< inaccessible pages around every run of pages
   bool degraded = false;              ///< anything weaker than asked was ever obtained
   std::size_t fallbacks = 0;          ///< automatic fell back from secret memory: 0 or 1

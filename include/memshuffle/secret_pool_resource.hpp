@@ -15,6 +15,7 @@
 
 namespace memshuffle {
 
+/// Where a secret_pool_resource gets its pages and how it sizes its runs.
 struct secret_pool_options {
   secret_backend backend = secret_backend::automatic;   ///< asked for; report() says what was got
   /// fail by default: a secret that might be swapped is a failure the caller must see.
@@ -25,6 +26,7 @@ struct secret_pool_options {
   std::size_t run_pages = 0;
 };
 
+/// The figures of a secret_pool_resource, from stats().
 struct secret_pool_stats {
   std::size_t blocks = 0;              ///< pooled blocks live now
   std::size_t large_allocations = 0;   ///< blocks on pages of their own, live now
@@ -36,10 +38,12 @@ struct secret_pool_stats {
   std::size_t forked_blocks = 0;       ///< blocks from before a fork freed in the child
 };
 
+/// A packed, thread-safe, fork-aware pool of small secret blocks in power-of-two size
+/// classes over secret memory or locked pages (see secret_backend.hpp).
 class secret_pool_resource : public std::pmr::memory_resource {
  public:
-  static constexpr std::size_t smallest_class = 8;
-  static constexpr std::size_t largest_class = 1024;
+  static constexpr std::size_t smallest_class = 8;     ///< bytes of the smallest size class
+  static constexpr std::size_t largest_class = 1024;   ///< larger blocks get pages of their own
 
   /// \effects as secret_pool_resource(secret_pool_options{}).
   secret_pool_resource();
@@ -62,11 +66,11 @@ class secret_pool_resource : public std::pmr::memory_resource {
   secret_pool_stats stats() const;
 
  protected:
-  /// \requires alignment a power of two no larger than the page size.
   /// \returns a zeroed block of at least \p bytes (1 if 0) aligned to \p alignment.
-  /// \throws std::invalid_argument for a bad alignment; secret_memory_refused when a lock
-  /// is refused under on_lock_refused::fail; std::bad_alloc when mmap fails. Nothing
-  /// changes when it throws.
+  /// \throws bad_alignment (a std::bad_alloc) for an alignment that is not a power of
+  /// two or is larger than the page size; secret_memory_refused when a lock is refused
+  /// under on_lock_refused::fail; std::bad_alloc when mmap fails. Nothing changes when
+  /// it throws.
   void* do_allocate(std::size_t bytes, std::size_t alignment) override;
   /// \effects wipes the block and makes it free. A pointer the pool did not hand out,
   /// a block already free, or a size or alignment of another size class is ignored and

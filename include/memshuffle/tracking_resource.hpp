@@ -20,70 +20,82 @@
 
 namespace memshuffle {
 
+/// What a tracking_resource does besides keeping books, fixed at construction.
 struct tracking_options {
-  bool wipe_on_deallocate = false;          // zero freed blocks before they go upstream
-  std::optional<std::byte> fill_on_allocate{};  // pattern written into every new block
-  bool quarantine = false;                  // keep freed blocks until release_quarantine()
-  // true: the books are sharded, each shard with its own lock (a thread uses its own
-  // shard), and the counters, the peaks and the sequence are kept exact across threads.
-  // false: no locking, one thread only.
+  bool wipe_on_deallocate = false;          ///< zero freed blocks before they go upstream
+  std::optional<std::byte> fill_on_allocate{};  ///< pattern written into every new block
+  bool quarantine = false;                  ///< keep freed blocks until release_quarantine()
+  /// true: the books are sharded, each shard with its own lock (a thread uses its own
+  /// shard), and the counters, the peaks and the sequence are kept exact across threads.
+  /// false: no locking, one thread only.
   bool thread_safe = true;
-  // Whether the upstream may be called from several threads at once. Absent: true for
-  // std::pmr::new_delete_resource() and a std::pmr::synchronized_pool_resource, false
-  // otherwise. When false (and thread_safe), upstream calls are serialized by one lock,
-  // so an unsynchronized upstream (an arena, an unsynchronized pool) is safe behind it.
+  /// Whether the upstream may be called from several threads at once. Absent: true for
+  /// std::pmr::new_delete_resource() and a std::pmr::synchronized_pool_resource, false
+  /// otherwise. When false (and thread_safe), upstream calls are serialized by one lock,
+  /// so an unsynchronized upstream (an arena, an unsynchronized pool) is safe behind it.
   std::optional<bool> upstream_thread_safe{};
-  // Record the stack of every allocation (raw return addresses, symbolized only when a
-  // report is made), so leaks are reported by call site. Costs a stack walk per
-  // allocation: see docs/performance.md.
+  /// Record the stack of every allocation (raw return addresses, symbolized only when a
+  /// report is made), so leaks are reported by call site. Costs a stack walk per
+  /// allocation: see docs/performance.md.
   bool capture_stacks = false;
 };
 
+/// The counters of a tracking_resource, from stats().
 struct tracking_stats {
-  std::size_t current_allocations = 0, current_bytes = 0, peak_bytes = 0,
-              total_allocations = 0, total_bytes = 0, bad_deallocations = 0;
-  std::size_t peak_allocations = 0;
-  std::size_t total_deallocations = 0;   // good ones only
-  std::size_t quarantined_allocations = 0, quarantined_bytes = 0;
-  std::size_t injected_failures = 0;     // allocations refused by fail_after()
+  std::size_t current_allocations = 0;  ///< live now
+  std::size_t current_bytes = 0;        ///< bytes live now (as requested)
+  std::size_t peak_bytes = 0;           ///< highest current_bytes since construction
+  std::size_t total_allocations = 0;    ///< allocations since construction
+  std::size_t total_bytes = 0;          ///< bytes allocated since construction
+  std::size_t bad_deallocations = 0;    ///< bad deallocations since construction
+  std::size_t peak_allocations = 0;     ///< highest current_allocations since construction
+  std::size_t total_deallocations = 0;  ///< good ones only
+  std::size_t quarantined_allocations = 0;  ///< freed blocks held in quarantine now
+  std::size_t quarantined_bytes = 0;        ///< their bytes as held upstream (1 for 0)
+  std::size_t injected_failures = 0;    ///< allocations refused by fail_after()
 };
 
-// One live allocation; `sequence` numbers allocations from 1 in the order made.
+/// One live allocation; `sequence` numbers allocations from 1 in the order made.
 struct allocation_record {
-  void* pointer = nullptr;
-  std::size_t bytes = 0;
-  std::size_t alignment = 0;
-  std::uint64_t sequence = 0;
+  void* pointer = nullptr;     ///< what allocate returned
+  std::size_t bytes = 0;       ///< as passed to allocate
+  std::size_t alignment = 0;   ///< as passed to allocate
+  std::uint64_t sequence = 0;  ///< 1 for the first allocation, then 2, ...
 };
 
+/// What was wrong with a bad deallocation.
 enum class bad_deallocation_kind {
-  unknown_pointer,   // never handed out by this resource (or freed long ago)
-  double_free,       // handed out and already given back
-  wrong_size,        // live, but deallocated with another size
-  wrong_alignment,   // live, but deallocated with another alignment
+  unknown_pointer,   ///< never handed out by this resource (or freed long ago)
+  double_free,       ///< handed out and already given back
+  wrong_size,        ///< live, but deallocated with another size
+  wrong_alignment,   ///< live, but deallocated with another alignment
 };
 
 /// \returns A short description of `kind`, e.g. "double free".
 const char* to_string(bad_deallocation_kind kind) noexcept;
 
+/// One bad deallocation, recorded instead of reaching the upstream.
 struct bad_deallocation_record {
-  bad_deallocation_kind kind{};
-  const void* pointer = nullptr;
-  std::size_t bytes = 0;        // as passed to deallocate
-  std::size_t alignment = 0;    // as passed to deallocate
-  allocation_record block;      // the live block it hit (wrong size/alignment only)
+  bad_deallocation_kind kind{};   ///< what was wrong
+  const void* pointer = nullptr;  ///< as passed to deallocate
+  std::size_t bytes = 0;        ///< as passed to deallocate
+  std::size_t alignment = 0;    ///< as passed to deallocate
+  allocation_record block;      ///< the live block it hit (wrong size/alignment only)
 };
 
-// Where leaked blocks were allocated: the first frame of their stacks outside
-// memshuffle and the standard library.
+/// Where leaked blocks were allocated: the first frame of their stacks outside
+/// memshuffle and the standard library.
 struct leak_site {
-  std::string file;      // empty when the frame has no debug information
-  std::size_t line = 0;  // 0 when unknown
-  std::string function;  // empty when unknown
-  std::size_t leaks = 0, bytes = 0;
-  std::uint64_t first_sequence = 0;  // the oldest leak from here
+  std::string file;      ///< empty when the frame has no debug information
+  std::size_t line = 0;  ///< 0 when unknown
+  std::string function;  ///< empty when unknown
+  std::size_t leaks = 0;  ///< live blocks allocated here
+  std::size_t bytes = 0;  ///< their bytes
+  std::uint64_t first_sequence = 0;  ///< the oldest leak from here
 };
 
+/// An adaptor over an upstream resource that keeps books on every allocation: live
+/// blocks, usage, totals and bad deallocations (recorded, never passed upstream).
 class tracking_resource : public std::pmr::memory_resource {
  public:
   /// \effects As tracking_resource(tracking_options{}, std::pmr::get_default_resource()).
@@ -115,7 +127,7 @@ class tracking_resource : public std::pmr::memory_resource {
   std::vector<allocation_record> live_allocations() const;
   /// \returns The first `max_bad_records` bad deallocations (all are counted in stats()).
   std::vector<bad_deallocation_record> bad_deallocations() const;
-  static constexpr std::size_t max_bad_records = 1024;
+  static constexpr std::size_t max_bad_records = 1024;  ///< bad deallocations kept as records
   /// \returns The live allocations grouped by call site, most leaks first; empty
   /// without options().capture_stacks. Symbolizes the stacks (slow: for reports).
   std::vector<leak_site> leak_sites() const;
@@ -147,6 +159,7 @@ class tracking_resource : public std::pmr::memory_resource {
   /// \effects A good deallocation goes upstream (or to quarantine); a bad one is
   /// recorded and goes nowhere.
   void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override;
+  /// \returns Whether `other` is this very resource.
   bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override;
 
  private:
