@@ -254,8 +254,8 @@ void* arena_resource::allocate_chunk(std::size_t n, std::size_t alignment) {
   if (want > limit - sizeof(chunk) - (block_granule - 1)) {
     // Not representable: as libstdc++, ask the upstream for the impossible, so the
     // caller sees the upstream's own exception.
-    void* p = upstream_->allocate(limit, ~(limit >> 1));
-    upstream_->deallocate(p, limit, ~(limit >> 1));
+    void* p = upstream_->allocate(want, block_align);
+    upstream_->deallocate(p, want, block_align);
     throw std::bad_alloc();
   }
   const std::size_t size = (want + sizeof(chunk) + block_granule - 1) & ~(block_granule - 1);
