@@ -287,8 +287,7 @@ TEST_CASE("GCM detects two entries' ciphertexts swapped and an old ciphertext re
 }
 
 TEST_CASE("key rotation, random and fixed, keeps every value, also with leases open during it") {
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 rng(seed);
   for (auto kind : ciphers) {
     CAPTURE(name(kind));
@@ -451,8 +450,7 @@ TEST_CASE("a secure_page_resource serves as the shuffler's upstream") {
 TEST_SUITE("concurrency") {
 
 TEST_CASE("threads rent, write, read and free with encryption on while another shuffles and rotates keys") {
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
   for (auto kind : ciphers) {
     CAPTURE(name(kind));
     shuffler s({.cipher = kind, .shuffle_on_return = true, .arena_size = 16 * 1024});
@@ -468,7 +466,7 @@ TEST_CASE("threads rent, write, read and free with encryption on while another s
     std::vector<std::thread> threads;
     for (int w = 0; w < workers; ++w)
       threads.emplace_back([&, w] {
-        std::mt19937_64 rng(seed + static_cast<unsigned>(w));
+        std::mt19937_64 rng(seed + static_cast<std::uint64_t>(w));
         std::vector<std::uint64_t> model(per_worker, 0);
         auto& mine = owned[static_cast<std::size_t>(w)];
         for (int r = 0; r < rounds; ++r) {

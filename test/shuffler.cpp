@@ -230,7 +230,6 @@ TEST_CASE("fresh entries read as zeros under every cipher, in place and in a win
 
 TEST_CASE("a long-lived entry keeps its value across thousands of shuffles and churn") {
   MEMSHUFFLE_TEST_SEED(seed);
-  CAPTURE(seed);
   std::mt19937_64 rng(seed);
   shuffler s({.arena_size = 8 * 1024});
   const handle keeper = s.create<std::array<std::uint64_t, 4>>();
@@ -470,7 +469,6 @@ TEST_CASE("a freed handle is invalid at once, before any shuffle") {
 
 TEST_CASE("every bad call raises its error and leaves the shuffler unchanged") {
   MEMSHUFFLE_TEST_SEED(seed);
-  CAPTURE(seed);
   std::mt19937_64 rng(seed);
   for (cipher_kind c : all_ciphers) {
     CAPTURE(static_cast<int>(c));
@@ -756,7 +754,6 @@ TEST_CASE("shuffle_every moves every entry arena by arena, never holding two cop
 
 TEST_CASE("running out of memory inside a shuffle changes nothing") {
   MEMSHUFFLE_TEST_SEED(seed);
-  CAPTURE(seed);
   std::mt19937_64 rng(seed);
   for (cipher_kind c : all_ciphers) {
     CAPTURE(static_cast<int>(c));
@@ -799,7 +796,6 @@ TEST_CASE("running out of memory inside a shuffle changes nothing") {
 
 TEST_CASE("after 1000 shuffles of a steady heap reserved bytes stay within 1.1 x live plus one arena") {
   MEMSHUFFLE_TEST_SEED(seed);
-  CAPTURE(seed);
   std::mt19937_64 rng(seed);
   const std::size_t arena = 16 * 1024;
   recording_resource up;
@@ -1107,7 +1103,6 @@ TEST_SUITE("concurrency") {
 
 TEST_CASE("several threads allocate, rent, mutate, return, free and shuffle at once") {
   MEMSHUFFLE_TEST_SEED(seed);
-  CAPTURE(seed);
   for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm, cipher_kind::none}) {
     CAPTURE(static_cast<int>(c));
     recording_resource up;

@@ -3,6 +3,7 @@
 #include <memshuffle/tracking_resource.hpp>
 #include <test/support/failing_new.hpp>
 #include <test/support/recording_resource.hpp>
+#include <test/support/seed.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -47,9 +48,8 @@ struct block {
 // A random mix of allocations and deallocations, checked against a simple model.
 void run_counting_model(tracking_options options) {
   recording_resource upstream;
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
-  std::mt19937 rng(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937 rng(static_cast<std::mt19937::result_type>(seed));
   {
     tracking_resource tracking(options, &upstream);
     std::vector<block> live;
@@ -327,9 +327,8 @@ TEST_CASE("an upstream that throws leaves the tracking resource as it was") {
 
 TEST_CASE("the live table grows under many live blocks and keeps every record") {
   recording_resource upstream;
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
-  std::mt19937 rng(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937 rng(static_cast<std::mt19937::result_type>(seed));
   {
     tracking_resource tracking(&upstream);
     std::vector<block> live;
