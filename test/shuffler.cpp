@@ -25,6 +25,8 @@
 #include <memshuffle/tracking_resource.hpp>
 
 #include "test/support/child_process.hpp"
+#include "test/support/cipher_kinds.hpp"
+#include "test/support/random_bytes.hpp"
 #include "test/support/recording_resource.hpp"
 #include "test/support/seed.hpp"
 
@@ -34,6 +36,9 @@
 #endif
 
 using namespace memshuffle;
+using memshuffle::testing::all_ciphers;
+using memshuffle::testing::encrypting_ciphers;
+using memshuffle::testing::random_bytes;
 using memshuffle::testing::recording_resource;
 
 namespace {
@@ -46,12 +51,6 @@ struct alignas(4096) page {
 };
 
 bool aligned(const void* p, std::size_t a) { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
-
-std::vector<std::byte> random_bytes(std::mt19937_64& rng, std::size_t n) {
-  std::vector<std::byte> v(n);
-  for (auto& b : v) b = static_cast<std::byte>(rng());
-  return v;
-}
 
 std::vector<std::byte> read_all(shuffler& s, handle h) {
   std::vector<std::byte> v(s.size_of(h));
@@ -102,8 +101,6 @@ snapshot snap(const shuffler& s) {
   return {st.live_entries, st.live_bytes, st.reserved_bytes, st.arenas, st.pinned_entries,
           st.pending_free_entries};
 }
-
-const cipher_kind all_ciphers[] = {cipher_kind::none, cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm};
 
 // A handle with a random type and size, recorded in the model as zeros.
 handle alloc_random(shuffler& s, model& m, std::mt19937_64& rng) {
@@ -381,7 +378,7 @@ TEST_CASE("the rented type is checked against the entry's size and alignment") {
 }
 
 TEST_CASE("encryptions and decryptions are counted exactly and never-written entries are not decrypted") {
-  for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (cipher_kind c : encrypting_ciphers) {
     CAPTURE(static_cast<int>(c));
     shuffler s({.cipher = c});
     const handle h = s.alloc<std::uint64_t>(4);
@@ -421,7 +418,7 @@ TEST_CASE("rotate_key_every rotates to a fresh key after that many encryptions, 
 }
 
 TEST_CASE("key rotation with leases open re-encrypts the rented entries when they return") {
-  for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (cipher_kind c : encrypting_ciphers) {
     CAPTURE(static_cast<int>(c));
     shuffler s({.cipher = c});
     const handle a = s.create<std::uint64_t>();

@@ -4,6 +4,7 @@
 #include <test/support/failing_new.hpp>
 #include <test/support/recording_resource.hpp>
 #include <test/support/seed.hpp>
+#include <test/support/upstream_checks.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -25,15 +26,10 @@
 using memshuffle::bad_deallocation_kind;
 using memshuffle::tracking_options;
 using memshuffle::tracking_resource;
+using memshuffle::testing::check_upstream_clean;
 using memshuffle::testing::recording_resource;
 
 namespace {
-
-// Nothing the tracking resource passed upstream was wrong, and nothing is left there.
-void check_upstream_clean(const recording_resource& upstream) {
-  CHECK(upstream.mismatches() == 0);
-  CHECK(upstream.outstanding() == 0);
-}
 
 bool all_bytes_are(const void* p, std::size_t n, std::byte value) {
   auto* b = static_cast<const std::byte*>(p);
