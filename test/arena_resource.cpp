@@ -6,6 +6,7 @@
 #include "test/support/page_aligned_resource.hpp"
 #include "test/support/recording_resource.hpp"
 #include "test/support/seed.hpp"
+#include "test/support/upstream_checks.hpp"
 
 #include <algorithm>
 #include <cstdint>
@@ -23,6 +24,7 @@ using memshuffle::arena_options;
 using memshuffle::arena_resource;
 using memshuffle::arena_scope;
 using memshuffle::arena_stats;
+using memshuffle::testing::check_upstream_clean;
 using memshuffle::testing::page_aligned_resource;
 using memshuffle::testing::recording_resource;
 
@@ -134,8 +136,7 @@ void check_parity(const std::function<std::unique_ptr<std::pmr::memory_resource>
     CHECK(arena_layout.front().block == -1);
     CHECK(arena_layout[requests.size() / 2] == placement{-1, 0});
   }
-  CHECK(up_arena.outstanding() == 0);
-  CHECK(up_arena.mismatches() == 0);
+  check_upstream_clean(up_arena);
 }
 
 template <class... Args>
@@ -906,8 +907,7 @@ TEST_CASE("nothing is left outstanding upstream after release or destruction") {
       REQUIRE(arena.stats().bytes_reserved == up.outstanding_bytes());
     }
   }
-  CHECK(up.outstanding() == 0);
-  CHECK(up.mismatches() == 0);
+  check_upstream_clean(up);
 }
 
 TEST_CASE("an arena is equal only to itself") {

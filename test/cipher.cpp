@@ -9,7 +9,9 @@
 #include <memshuffle/secure_wipe.hpp>
 
 #include "test/support/child_process.hpp"
+#include "test/support/cipher_kinds.hpp"
 #include "test/support/cipher_custody.hpp"
+#include "test/support/random_bytes.hpp"
 #include "test/support/seed.hpp"
 
 #include <crypto++/aes.h>
@@ -32,12 +34,15 @@
 using memshuffle::cipher;
 using memshuffle::cipher_kind;
 using bytes = std::vector<std::byte>;
+using memshuffle::testing::all_ciphers;
 using memshuffle::testing::block;
+using memshuffle::testing::encrypting_ciphers;
 using memshuffle::testing::fixed_key;
 using memshuffle::testing::heap_occurrences;
 using memshuffle::testing::hits_in;
 using memshuffle::testing::key_material;
 using memshuffle::testing::page_resource;
+using memshuffle::testing::random_bytes;
 using memshuffle::testing::run_in_fresh_process;
 using memshuffle::testing::scrub_stack;
 using memshuffle::testing::secret_blocks;
@@ -52,12 +57,6 @@ bytes hex(std::string_view s) {
   bytes out;
   for (std::size_t i = 0; i + 1 < s.size(); i += 2)
     out.push_back(static_cast<std::byte>(nibble(s[i]) << 4 | nibble(s[i + 1])));
-  return out;
-}
-
-bytes random_bytes(std::mt19937_64& rng, std::size_t n) {
-  bytes out(n);
-  for (auto& b : out) b = static_cast<std::byte>(rng());
   return out;
 }
 
@@ -216,7 +215,7 @@ TEST_CASE("a GCM open of an altered byte, tag, associated data or nonce throws a
 }
 
 TEST_CASE("a key that is not 32 bytes is rejected for every cipher kind") {
-  for (auto kind : {cipher_kind::none, cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (auto kind : all_ciphers) {
     CAPTURE(static_cast<int>(kind));
     for (std::size_t n : {0, 16, 24, 31, 33}) {
       CAPTURE(n);
@@ -324,7 +323,7 @@ TEST_CASE("after a seal or open the vector registers hold no round key, hash key
   if (!memshuffle::testing::vector_registers_readable) return;
   MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 rng(seed);
-  for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(static_cast<int>(kind));
     const bool gcm = kind == cipher_kind::aes_256_gcm;
     const cipher c(kind, fixed_key);
@@ -382,7 +381,7 @@ TEST_CASE("between calls the heap holds no key, round key, hash key or keystream
 }
 
 TEST_CASE("a cipher used in a child made by fork() throws fork_error and leaves the data alone") {
-  for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(static_cast<int>(kind));
     const cipher c(kind, fixed_key);
     const bytes iv(kind == cipher_kind::aes_256_ctr ? 16 : 12), original(100, std::byte{3});
@@ -412,7 +411,7 @@ TEST_CASE("a cipher used in a child made by fork() throws fork_error and leaves 
 }
 
 TEST_CASE("a cipher destroyed in a child made by fork() frees its secret memory without touching it") {
-  for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(static_cast<int>(kind));
     page_resource secret_pages;
     auto c = std::make_unique<cipher>(kind, fixed_key, &secret_pages);
@@ -481,7 +480,7 @@ TEST_SUITE("concurrency") {
 
 TEST_CASE("one cipher seals and opens on several threads at once with the results of one thread") {
   MEMSHUFFLE_TEST_SEED(seed);
-  for (auto kind : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(static_cast<int>(kind));
     std::mt19937_64 rng(seed);
     const cipher c(kind, random_bytes(rng, 32));

@@ -16,6 +16,7 @@
 
 #include <memshuffle/shuffler.hpp>
 #include <test/support/child_process.hpp>
+#include <test/support/cipher_kinds.hpp>
 #include <test/support/custody_helpers.hpp>
 #include <test/support/custody_secrets.hpp>
 #include <test/support/memory_scan.hpp>
@@ -125,7 +126,7 @@ std::map<std::string, int> scan_core(std::span<const std::byte> core, const memo
 
 TEST_CASE("a core file of a process that has just returned a lease holds no plaintext or key material") {
   MEMSHUFFLE_TEST_SEED(seed);
-  for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (cipher_kind c : encrypting_ciphers) {
     INFO((c == cipher_kind::aes_256_ctr ? "AES-256-CTR" : "AES-256-GCM"));
     custody_secrets k(seed);
     char tmpl[] = "/tmp/memshuffle-core-XXXXXX";

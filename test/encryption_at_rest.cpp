@@ -10,6 +10,8 @@
 #include <memshuffle/secure_page_resource.hpp>
 #include <memshuffle/shuffler.hpp>
 #include <test/support/child_process.hpp>
+#include <test/support/cipher_kinds.hpp>
+#include <test/support/random_bytes.hpp>
 #include <test/support/recording_resource.hpp>
 
 #include <algorithm>
@@ -26,6 +28,8 @@ using memshuffle::cipher_kind;
 using memshuffle::handle;
 using memshuffle::shuffler;
 using memshuffle::shuffler_options;
+using memshuffle::testing::encrypting_ciphers;
+using memshuffle::testing::random_bytes;
 using memshuffle::testing::recording_resource;
 using bytes = std::vector<std::byte>;
 
@@ -86,12 +90,6 @@ bytes padded(bytes value, std::size_t n) {
   return value;
 }
 
-bytes random_bytes(std::mt19937_64& rng, std::size_t n) {
-  bytes out(n);
-  for (auto& b : out) b = static_cast<std::byte>(rng());
-  return out;
-}
-
 void put(shuffler& s, handle h, const bytes& value) {
   auto l = s.rent<std::byte>(h);
   std::copy(value.begin(), value.end(), l.get());
@@ -114,7 +112,6 @@ const memshuffle::key_type fixed_key = [] {
 const memshuffle::salt_type fixed_salt{std::byte{1}, std::byte{2}, std::byte{3}, std::byte{4},
                                        std::byte{5}, std::byte{6}, std::byte{7}, std::byte{8}};
 
-constexpr cipher_kind ciphers[] = {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm};
 const char* name(cipher_kind k) { return k == cipher_kind::aes_256_gcm ? "AES-256-GCM" : "AES-256-CTR"; }
 
 }  // namespace
@@ -122,7 +119,7 @@ const char* name(cipher_kind k) { return k == cipher_kind::aes_256_gcm ? "AES-25
 TEST_SUITE("crypto") {
 
 TEST_CASE("decrypting in place, a secret is ciphertext in upstream memory at rest, plaintext only while rented, and gone after free") {
-  for (auto kind : ciphers) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(name(kind));
     scanned_upstream upstream;
     {
@@ -181,7 +178,7 @@ TEST_CASE("re-encrypting a mutated entry never reuses its keystream") {
   // plaintext2 (the seed library re-encrypted every return with the same counters).
   MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 rng(seed);
-  for (auto kind : ciphers) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(name(kind));
     scanned_upstream upstream;
     shuffler s({.cipher = kind, .key = fixed_key, .salt = fixed_salt, .plaintext_in_place = true}, &upstream);
@@ -287,10 +284,9 @@ TEST_CASE("GCM detects two entries' ciphertexts swapped and an old ciphertext re
 }
 
 TEST_CASE("key rotation, random and fixed, keeps every value, also with leases open during it") {
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 rng(seed);
-  for (auto kind : ciphers) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(name(kind));
     scanned_upstream upstream;
     shuffler s({.cipher = kind, .plaintext_in_place = true}, &upstream);
@@ -324,7 +320,7 @@ TEST_CASE("key rotation, random and fixed, keeps every value, also with leases o
 }
 
 TEST_CASE("a fresh entry reads as zeros without a decryption") {
-  for (auto kind : ciphers) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(name(kind));
     shuffler s({.cipher = kind});
     const handle h = s.alloc<std::byte>(100);
@@ -337,7 +333,7 @@ TEST_CASE("a fresh entry reads as zeros without a decryption") {
 }
 
 TEST_CASE("automatic key rotation after N encryptions keeps every value") {
-  for (auto kind : ciphers) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(name(kind));
     shuffler s({.cipher = kind, .rotate_key_every = 10});
     std::vector<handle> hs;
@@ -354,7 +350,7 @@ TEST_CASE("the key is nowhere in upstream memory, during use or after destructio
   // copy of a known key reaches the memory the upstream handed out.
   const bytes key(reinterpret_cast<const std::byte*>(fixed_key.data()),
                   reinterpret_cast<const std::byte*>(fixed_key.data()) + fixed_key.size());
-  for (auto kind : ciphers) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(name(kind));
     scanned_upstream upstream;
     {
@@ -451,9 +447,8 @@ TEST_CASE("a secure_page_resource serves as the shuffler's upstream") {
 TEST_SUITE("concurrency") {
 
 TEST_CASE("threads rent, write, read and free with encryption on while another shuffles and rotates keys") {
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
-  for (auto kind : ciphers) {
+  MEMSHUFFLE_TEST_SEED(seed);
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(name(kind));
     shuffler s({.cipher = kind, .shuffle_on_return = true, .arena_size = 16 * 1024});
     constexpr int workers = 3, per_worker = 40, rounds = 300;
@@ -468,7 +463,7 @@ TEST_CASE("threads rent, write, read and free with encryption on while another s
     std::vector<std::thread> threads;
     for (int w = 0; w < workers; ++w)
       threads.emplace_back([&, w] {
-        std::mt19937_64 rng(seed + static_cast<unsigned>(w));
+        std::mt19937_64 rng(seed + static_cast<std::uint64_t>(w));
         std::vector<std::uint64_t> model(per_worker, 0);
         auto& mine = owned[static_cast<std::size_t>(w)];
         for (int r = 0; r < rounds; ++r) {
@@ -518,7 +513,7 @@ TEST_CASE("threads rent, write, read and free with encryption on while another s
 TEST_SUITE("crypto") {
 
 TEST_CASE("by default a lease shows its plaintext in secret memory, never in upstream memory") {
-  for (auto kind : ciphers) {
+  for (auto kind : encrypting_ciphers) {
     CAPTURE(name(kind));
     scanned_upstream upstream;
     shuffler s({.cipher = kind}, &upstream);

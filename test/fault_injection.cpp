@@ -22,12 +22,14 @@
 #include <string>
 #include <vector>
 
+#include "test/support/cipher_kinds.hpp"
 #include "test/support/failing_new.hpp"
 #include "test/support/recording_resource.hpp"
 
 namespace {
 
 using namespace memshuffle;
+using memshuffle::testing::all_ciphers;
 using memshuffle::testing::recording_resource;
 
 // Where a failure is injected: the shuffler's upstream, or operator new.
@@ -176,12 +178,11 @@ int fail_each_allocation(fixture& f, source src, bool on_return,
   return static_cast<int>(result.failed_runs + result.absorbed_runs);
 }
 
-constexpr cipher_kind ciphers[] = {cipher_kind::none, cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm};
 constexpr source sources[] = {source::upstream, source::heap};
 
 // Runs body(cipher, source) for every cipher and failure source, with both captured.
 void for_each_setup(const std::function<void(cipher_kind, source)>& body) {
-  for (cipher_kind c : ciphers)
+  for (cipher_kind c : all_ciphers)
     for (source src : sources) {
       INFO("cipher ", std::string(name(c)), ", failing ", std::string(name(src)));
       body(c, src);
@@ -288,7 +289,7 @@ TEST_CASE("a failed alloc takes no handle-table slot: the next alloc gets the ha
   using memshuffle::shuffler;
   using memshuffle::shuffler_options;
   namespace failing_new = memshuffle::testing::failing_new;
-  for (cipher_kind c : {cipher_kind::none, cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (cipher_kind c : all_ciphers) {
     for (bool upstream_fails : {true, false}) {
       INFO("cipher ", static_cast<int>(c), (upstream_fails ? ", failing: upstream" : ", failing: operator new"));
       int failures = 0;

@@ -7,6 +7,7 @@
 #include <set>
 
 #include "lib/handle_table.hpp"
+#include "test/support/seed.hpp"
 
 using memshuffle::handle;
 using memshuffle::invalid_handle;
@@ -90,8 +91,7 @@ TEST_CASE("doomed and unused slots are never found, even with the right generati
 TEST_CASE("garbage handles are not found") {
   handle_table t(9);
   for (int i = 0; i < 100; ++i) take(t);
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 rng(seed);
   int found = 0;
   for (int i = 0; i < 100000; ++i) {

@@ -2,6 +2,7 @@
 #include <memshuffle/doctest.hpp>
 #include <memshuffle/resource_adaptors.hpp>
 #include <test/support/library_resources.hpp>
+#include <test/support/upstream_checks.hpp>
 
 #include <boost/container/pmr/global_resource.hpp>
 #include <boost/container/pmr/list.hpp>
@@ -18,6 +19,7 @@
 
 using memshuffle::boost_resource_adaptor;
 using memshuffle::std_resource_adaptor;
+using memshuffle::testing::check_upstream_clean;
 using memshuffle::testing::recording_resource;
 namespace bpmr = boost::container::pmr;
 
@@ -41,8 +43,7 @@ void check_alignments_pass_through(Resource& through, const recording_resource& 
     CHECK(recorder.history().back().alignment == alignment);
     through.deallocate(p, bytes, alignment);
   }
-  CHECK(recorder.mismatches() == 0);
-  CHECK(recorder.outstanding() == 0);
+  check_upstream_clean(recorder);
 }
 
 struct alignas(4096) page_aligned {

@@ -25,6 +25,8 @@
 #include <memshuffle/tracking_resource.hpp>
 
 #include "test/support/child_process.hpp"
+#include "test/support/cipher_kinds.hpp"
+#include "test/support/random_bytes.hpp"
 #include "test/support/recording_resource.hpp"
 #include "test/support/seed.hpp"
 
@@ -34,6 +36,9 @@
 #endif
 
 using namespace memshuffle;
+using memshuffle::testing::all_ciphers;
+using memshuffle::testing::encrypting_ciphers;
+using memshuffle::testing::random_bytes;
 using memshuffle::testing::recording_resource;
 
 namespace {
@@ -46,12 +51,6 @@ struct alignas(4096) page {
 };
 
 bool aligned(const void* p, std::size_t a) { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
-
-std::vector<std::byte> random_bytes(std::mt19937_64& rng, std::size_t n) {
-  std::vector<std::byte> v(n);
-  for (auto& b : v) b = static_cast<std::byte>(rng());
-  return v;
-}
 
 std::vector<std::byte> read_all(shuffler& s, handle h) {
   std::vector<std::byte> v(s.size_of(h));
@@ -102,8 +101,6 @@ snapshot snap(const shuffler& s) {
   return {st.live_entries, st.live_bytes, st.reserved_bytes, st.arenas, st.pinned_entries,
           st.pending_free_entries};
 }
-
-const cipher_kind all_ciphers[] = {cipher_kind::none, cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm};
 
 // A handle with a random type and size, recorded in the model as zeros.
 handle alloc_random(shuffler& s, model& m, std::mt19937_64& rng) {
@@ -230,7 +227,6 @@ TEST_CASE("fresh entries read as zeros under every cipher, in place and in a win
 
 TEST_CASE("a long-lived entry keeps its value across thousands of shuffles and churn") {
   MEMSHUFFLE_TEST_SEED(seed);
-  CAPTURE(seed);
   std::mt19937_64 rng(seed);
   shuffler s({.arena_size = 8 * 1024});
   const handle keeper = s.create<std::array<std::uint64_t, 4>>();
@@ -382,7 +378,7 @@ TEST_CASE("the rented type is checked against the entry's size and alignment") {
 }
 
 TEST_CASE("encryptions and decryptions are counted exactly and never-written entries are not decrypted") {
-  for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (cipher_kind c : encrypting_ciphers) {
     CAPTURE(static_cast<int>(c));
     shuffler s({.cipher = c});
     const handle h = s.alloc<std::uint64_t>(4);
@@ -422,7 +418,7 @@ TEST_CASE("rotate_key_every rotates to a fresh key after that many encryptions, 
 }
 
 TEST_CASE("key rotation with leases open re-encrypts the rented entries when they return") {
-  for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm}) {
+  for (cipher_kind c : encrypting_ciphers) {
     CAPTURE(static_cast<int>(c));
     shuffler s({.cipher = c});
     const handle a = s.create<std::uint64_t>();
@@ -470,7 +466,6 @@ TEST_CASE("a freed handle is invalid at once, before any shuffle") {
 
 TEST_CASE("every bad call raises its error and leaves the shuffler unchanged") {
   MEMSHUFFLE_TEST_SEED(seed);
-  CAPTURE(seed);
   std::mt19937_64 rng(seed);
   for (cipher_kind c : all_ciphers) {
     CAPTURE(static_cast<int>(c));
@@ -756,7 +751,6 @@ TEST_CASE("shuffle_every moves every entry arena by arena, never holding two cop
 
 TEST_CASE("running out of memory inside a shuffle changes nothing") {
   MEMSHUFFLE_TEST_SEED(seed);
-  CAPTURE(seed);
   std::mt19937_64 rng(seed);
   for (cipher_kind c : all_ciphers) {
     CAPTURE(static_cast<int>(c));
@@ -799,7 +793,6 @@ TEST_CASE("running out of memory inside a shuffle changes nothing") {
 
 TEST_CASE("after 1000 shuffles of a steady heap reserved bytes stay within 1.1 x live plus one arena") {
   MEMSHUFFLE_TEST_SEED(seed);
-  CAPTURE(seed);
   std::mt19937_64 rng(seed);
   const std::size_t arena = 16 * 1024;
   recording_resource up;
@@ -1107,7 +1100,6 @@ TEST_SUITE("concurrency") {
 
 TEST_CASE("several threads allocate, rent, mutate, return, free and shuffle at once") {
   MEMSHUFFLE_TEST_SEED(seed);
-  CAPTURE(seed);
   for (cipher_kind c : {cipher_kind::aes_256_ctr, cipher_kind::aes_256_gcm, cipher_kind::none}) {
     CAPTURE(static_cast<int>(c));
     recording_resource up;

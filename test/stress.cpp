@@ -9,6 +9,7 @@
 
 #include <memshuffle/shuffler.hpp>
 #include <memshuffle/tracking_resource.hpp>
+#include <test/support/seed.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -31,12 +32,6 @@ using clock_type = std::chrono::steady_clock;
 double stress_seconds() {
   const char* s = std::getenv("MEMSHUFFLE_STRESS_SECONDS");
   return s != nullptr ? std::atof(s) : 1.0;
-}
-
-// A seed from the environment (to repeat a run) or a fresh one.
-std::uint64_t stress_seed() {
-  if (const char* s = std::getenv("MEMSHUFFLE_SEED")) return std::strtoull(s, nullptr, 10);
-  return std::random_device{}();
 }
 
 // The first failure any thread saw, for the main thread to report.
@@ -247,8 +242,7 @@ void run(const config& cfg, std::uint64_t seed) {
 TEST_SUITE("concurrency") {
 
 TEST_CASE("many threads renting, writing, freeing, shuffling and rotating keys lose nothing") {
-  const std::uint64_t seed = stress_seed();
-  INFO("seed ", seed, " (MEMSHUFFLE_SEED=", seed, " repeats the threads' choices)");
+  MEMSHUFFLE_TEST_SEED(seed);  // each thread's choices derive from it
   for (const config cfg : {config{2, cipher_kind::aes_256_ctr, false},
                            config{4, cipher_kind::aes_256_gcm, true},
                            config{8, cipher_kind::aes_256_ctr, true},

@@ -3,6 +3,8 @@
 #include <memshuffle/tracking_resource.hpp>
 #include <test/support/failing_new.hpp>
 #include <test/support/recording_resource.hpp>
+#include <test/support/seed.hpp>
+#include <test/support/upstream_checks.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -24,15 +26,10 @@
 using memshuffle::bad_deallocation_kind;
 using memshuffle::tracking_options;
 using memshuffle::tracking_resource;
+using memshuffle::testing::check_upstream_clean;
 using memshuffle::testing::recording_resource;
 
 namespace {
-
-// Nothing the tracking resource passed upstream was wrong, and nothing is left there.
-void check_upstream_clean(const recording_resource& upstream) {
-  CHECK(upstream.mismatches() == 0);
-  CHECK(upstream.outstanding() == 0);
-}
 
 bool all_bytes_are(const void* p, std::size_t n, std::byte value) {
   auto* b = static_cast<const std::byte*>(p);
@@ -47,9 +44,8 @@ struct block {
 // A random mix of allocations and deallocations, checked against a simple model.
 void run_counting_model(tracking_options options) {
   recording_resource upstream;
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
-  std::mt19937 rng(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937 rng(static_cast<std::mt19937::result_type>(seed));
   {
     tracking_resource tracking(options, &upstream);
     std::vector<block> live;
@@ -327,9 +323,8 @@ TEST_CASE("an upstream that throws leaves the tracking resource as it was") {
 
 TEST_CASE("the live table grows under many live blocks and keeps every record") {
   recording_resource upstream;
-  const auto seed = std::random_device{}();
-  CAPTURE(seed);
-  std::mt19937 rng(seed);
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937 rng(static_cast<std::mt19937::result_type>(seed));
   {
     tracking_resource tracking(&upstream);
     std::vector<block> live;
