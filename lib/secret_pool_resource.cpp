@@ -74,6 +74,11 @@ struct secret_pool_resource::state {
   std::array<std::vector<run*>, class_count> partial;      // runs with a free block
   std::array<run*, class_count> spare{};   // the one empty run kept per class, still listed
   std::map<std::uintptr_t, large_block> large;             // by the pointer handed out
+  // Emptied large spans kept (wiped) for the next block of the same size: a plaintext
+  // window of a few KiB is rented and returned far more often than a kernel call
+  // (mmap, mlock, memfd_secret) can afford. Given back whenever a map is refused.
+  static constexpr std::size_t spare_large_limit = 4;
+  std::vector<page_span> spare_large;
   std::vector<std::pair<std::uintptr_t, std::uintptr_t>> forked;   // [begin, end) of a parent
   secret_memory_report report;
   secret_pool_stats stats;
@@ -89,6 +94,8 @@ struct secret_pool_resource::state {
   bool give(std::uintptr_t a, std::size_t c);
   void drop(run* r);
   void* take_large(std::size_t bytes, std::size_t alignment, on_lock_refused policy);
+  page_span large_span(std::size_t usable, on_lock_refused policy);
+  void drop_spare_large() noexcept;
   bool give_large(std::uintptr_t a, std::size_t bytes, std::size_t alignment);
   bool from_parent(std::uintptr_t a) const;
 };
@@ -132,8 +139,10 @@ void secret_pool_resource::state::leave_parent() {
   };
   for (auto& [a, r] : runs) abandon(r->span);
   for (auto& [a, b] : large) abandon(b.span);
+  for (auto& b : spare_large) abandon(b);
   runs.clear();
   large.clear();
+  spare_large.clear();
   for (auto& p : partial) p.clear();
   spare.fill(nullptr);
   const std::size_t bad = stats.bad_deallocations, total = stats.total_allocations;
@@ -227,7 +236,7 @@ void* secret_pool_resource::state::take_large(std::size_t bytes, std::size_t ali
                                                on_lock_refused policy) {
   const std::size_t page = detail::page_size();
   if (bytes > SIZE_MAX / 2) throw std::bad_alloc();
-  page_span s = map((bytes + page - 1) / page * page, policy);
+  page_span s = large_span((bytes + page - 1) / page * page, policy);
   // The end of the block abuts the trailing guard page, as in secure_page_resource.
   const std::uintptr_t end = address(s.data) + s.usable;
   const std::uintptr_t p = (end - bytes) & ~(std::uintptr_t{alignment} - 1);
@@ -247,10 +256,37 @@ bool secret_pool_resource::state::give_large(std::uintptr_t a, std::size_t bytes
   if (it == large.end() || it->second.bytes != std::max<std::size_t>(bytes, 1) ||
       it->second.alignment != alignment)
     return false;
-  unmap(it->second.span);
+  const page_span span = it->second.span;
   large.erase(it);
   --stats.large_allocations;
+  secure_wipe(span.data, span.usable);
+  if (spare_large.size() < spare_large_limit) spare_large.push_back(span);  // reserved ahead
+  else unmap(span);
   return true;
+}
+
+page_span secret_pool_resource::state::large_span(std::size_t usable, on_lock_refused policy) {
+  for (std::size_t i = 0; i < spare_large.size(); ++i) {
+    if (spare_large[i].usable != usable) continue;
+    const page_span s = spare_large[i];
+    spare_large[i] = spare_large.back();
+    spare_large.pop_back();
+    return s;
+  }
+  // Room for the span when it comes back, so give_large never allocates.
+  spare_large.reserve(spare_large_limit);
+  try {
+    return map(usable, policy);
+  } catch (const std::bad_alloc&) {
+    if (spare_large.empty()) throw;
+    drop_spare_large();  // their lock budget may be what was refused
+    return map(usable, policy);
+  }
+}
+
+void secret_pool_resource::state::drop_spare_large() noexcept {
+  for (const page_span& s : spare_large) unmap(s);
+  spare_large.clear();
 }
 
 secret_pool_resource::secret_pool_resource() : secret_pool_resource(secret_pool_options{}) {}
@@ -279,6 +315,7 @@ secret_pool_resource::~secret_pool_resource() {
   if (s.epoch != detail::fork_epoch()) s.leave_parent();
   for (auto& [a, r] : s.runs) detail::unmap_secret_pages(r->span);
   for (auto& [a, b] : s.large) detail::unmap_secret_pages(b.span);
+  for (auto& b : s.spare_large) detail::unmap_secret_pages(b);
 }
 
 const secret_pool_options& secret_pool_resource::options() const noexcept { return options_; }

@@ -157,6 +157,32 @@ TEST_CASE("a freed pooled block and the pages of an emptied run hold zeros") {
   pool.deallocate(again, 128);
 }
 
+TEST_CASE("a freed large block is wiped and its pages serve the next block of its size") {
+  secret_pool_resource pool;
+  const std::size_t n = 4 * 1024;
+  auto* a = static_cast<unsigned char*>(pool.allocate(n));
+  std::memset(a, 0xEE, n);
+  const std::size_t mapped = pool.stats().bytes_mapped;
+  pool.deallocate(a, n);
+  CHECK(pool.stats().large_allocations == 0);
+  CHECK(pool.stats().bytes_mapped == mapped);  // kept for reuse, so still readable
+  CHECK(all_zero(a, n));
+  auto* again = static_cast<unsigned char*>(pool.allocate(n));
+  CHECK(again == a);  // no kernel call: the spare span again
+  CHECK(all_zero(again, n));
+  pool.deallocate(again, n);
+}
+
+TEST_CASE("only a few emptied large spans are kept, the rest are unmapped") {
+  secret_pool_resource pool;
+  std::vector<void*> blocks;
+  for (int i = 0; i < 6; ++i) blocks.push_back(pool.allocate(2 * page));
+  for (void* p : blocks) pool.deallocate(p, 2 * page);
+  CHECK(pool.stats().bytes_mapped == 4 * (2 + 2) * page);  // four spans, guard pages included
+  const std::ptrdiff_t readable = std::count_if(blocks.begin(), blocks.end(), [](void* p) { return mapped(p); });
+  CHECK(readable == 4);
+}
+
 TEST_CASE("a run beyond the one kept for reuse is unmapped when it empties") {
   secret_pool_resource pool({.run_pages = 1});
   const std::size_t per_run = page / 512;
