@@ -97,6 +97,14 @@ class pool {
     }
     Mode* operator->() const { return mode.get(); }
   };
+  // Null mode when a new object cannot be made (no memory, heap or secret).
+  lease try_take(const secret_key& key) noexcept {
+    try {
+      return take(key);
+    } catch (...) {
+      return {this, nullptr};
+    }
+  }
   lease take(const secret_key& key) {
     {
       std::lock_guard lock(m_);
@@ -164,15 +172,23 @@ struct cipher::impl {
   bool aes_shared_safely = CryptoPP::HasAESNI();
   mutable std::mutex aes_mutex;
 
-  // GCM: the raw key, and the pooled objects it keys.
+  // GCM: the raw key, and the pooled objects it keys. The reserve, keyed at
+  // construction, seals whenever the pool has no object free and cannot make one: a
+  // seal then never needs memory, so a lease's end always seals its entry (threads
+  // sealing at once then take turns on it).
   std::optional<secret_key> gcm_key;
   mutable pool<detail::secret_gcm<true>> gcm_enc;
   mutable pool<detail::secret_gcm<false>> gcm_dec;
+  mutable std::optional<detail::secret_gcm<true>> gcm_reserve;
+  mutable std::mutex gcm_reserve_mutex;
 
   impl(cipher_kind k, std::span<const std::byte> key, std::pmr::memory_resource* secret)
       : kind(k), gcm_enc(secret), gcm_dec(secret) {
     if (kind == cipher_kind::aes_256_ctr) aes.key(bytes(key), key.size(), secret);
-    if (kind == cipher_kind::aes_256_gcm) gcm_key.emplace(secret, key);
+    if (kind == cipher_kind::aes_256_gcm) {
+      gcm_key.emplace(secret, key);
+      gcm_reserve.emplace().key(bytes(key), key.size(), secret);
+    }
   }
 
   void ctr(std::span<const std::byte> iv, std::span<std::byte> data) const {
@@ -277,9 +293,20 @@ void cipher::seal(std::span<const std::byte> iv, std::span<const std::byte> aad,
                   std::span<std::byte> data, std::span<std::byte> tag) const {
   const detail::vector_register_guard clear;
   if (!symmetric_part(impl_.get(), *this, iv, aad.size(), data, tag.size())) return;
-  auto gcm = impl_->gcm_enc.take(*impl_->gcm_key);
-  gcm->EncryptAndAuthenticate(bytes(data), bytes(tag), tag.size(), bytes(iv), iv.size(),
-                              bytes(aad), aad.size(), bytes(data), data.size());
+  const auto encrypt = [&](detail::secret_gcm<true>& gcm) {
+    gcm.EncryptAndAuthenticate(bytes(data), bytes(tag), tag.size(), bytes(iv), iv.size(),
+                               bytes(aad), aad.size(), bytes(data), data.size());
+  };
+  if (auto gcm = impl_->gcm_enc.try_take(*impl_->gcm_key); gcm.mode) {
+    encrypt(*gcm.mode);
+    return;
+  }
+  std::lock_guard lock(impl_->gcm_reserve_mutex);
+  const struct wipe_after {
+    detail::secret_gcm<true>& gcm;
+    ~wipe_after() { gcm.wipe_call_state(); }
+  } reserve{*impl_->gcm_reserve};
+  encrypt(reserve.gcm);
 }
 
 void cipher::open(std::span<const std::byte> iv, std::span<const std::byte> aad,

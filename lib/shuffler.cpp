@@ -135,8 +135,8 @@ void detail::end_lease(shuffler& owner, handle h) noexcept {
   try {
     owner.return_pointer(h);
   } catch (...) {
-    // A lease always names a rented entry; the failures are the cipher running out of
-    // memory (the entry stays open until its next return) and a call in a child of fork().
+    // A lease always names a rented entry, and sealing needs no memory: the one failure
+    // left is a call in a child of fork().
   }
 }
 

@@ -289,6 +289,8 @@ shuffler::impl::pinned shuffler::impl::pin_for_return(seal_job& job) {
 void shuffler::impl::seal_outside(seal_job& job) const noexcept {
   const key_slot& k = *job.key;
   std::byte* const target = job.window != nullptr ? job.window : job.data;
+  // cipher::seal needs no memory (a GCM cipher keeps a reserve object), so a return
+  // never fails for lack of it; the catch only keeps this noexcept.
   try {
     const auto aad = be64(static_cast<std::uint64_t>(job.h));
     k.c.seal(iv_for(k, counter_block(k, job.seq)), aad_span(aad), {target, job.bytes},

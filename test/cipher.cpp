@@ -12,6 +12,7 @@
 #include "test/support/cipher_kinds.hpp"
 #include "test/support/cipher_custody.hpp"
 #include "test/support/random_bytes.hpp"
+#include "test/support/recording_resource.hpp"
 #include "test/support/seed.hpp"
 
 #include <crypto++/aes.h>
@@ -510,6 +511,47 @@ TEST_CASE("one cipher seals and opens on several threads at once with the result
     for (auto& th : threads) th.join();
     CHECK(failures == std::vector<int>(4, 0));
   }
+}
+
+// Sealing needs no memory (a lease's end must always seal its entry): with its secret
+// memory refusing every allocation and no pooled object made yet, a GCM cipher still
+// seals on several threads at once, each result the one a fresh cipher gives.
+TEST_CASE("a GCM cipher whose secret memory refuses everything still seals on several threads at once") {
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 rng(seed);
+  const bytes key = random_bytes(rng, 32);
+  memshuffle::testing::recording_resource secret;
+  const cipher c(cipher_kind::aes_256_gcm, key, &secret), reference(cipher_kind::aes_256_gcm, key);
+  struct job {
+    bytes iv, plaintext, expected, tag;
+  };
+  std::vector<job> jobs;
+  for (int i = 0; i < 16; ++i) {
+    job j{random_bytes(rng, 12), random_bytes(rng, 1 + rng() % 300), {}, bytes(cipher::gcm_tag_size)};
+    j.expected = j.plaintext;
+    reference.seal(j.iv, {}, j.expected, j.tag);
+    jobs.push_back(std::move(j));
+  }
+  secret.fail_after(0, false);
+  std::vector<int> failures(4, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 20; ++round)
+        for (const auto& j : jobs) {
+          bytes data = j.plaintext, tag(cipher::gcm_tag_size);
+          try {
+            c.seal(j.iv, {}, data, tag);
+          } catch (...) {
+            ++failures[static_cast<std::size_t>(t)];
+            continue;
+          }
+          if (data != j.expected || tag != j.tag) ++failures[static_cast<std::size_t>(t)];
+        }
+    });
+  for (auto& th : threads) th.join();
+  CHECK(secret.failures_injected() >= 1);  // new objects were asked for and refused
+  CHECK(failures == std::vector<int>(4, 0));
 }
 
 }  // TEST_SUITE("concurrency")

@@ -11,6 +11,7 @@
 #include <memshuffle/shuffler.hpp>
 #include <memshuffle/tracking_resource.hpp>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -20,6 +21,7 @@
 #include <new>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "test/support/cipher_kinds.hpp"
@@ -323,6 +325,63 @@ TEST_CASE("a failed alloc takes no handle-table slot: the next alloc gets the ha
         CHECK(a.size_of(next_a) == 16);
       }
       CHECK(failures >= 1);
+    }
+  }
+}
+
+}  // TEST_SUITE
+
+TEST_SUITE("shuffler") {
+
+// Returning an entry needs no memory, so no entry is left plaintext after its last lease
+// ends. A fresh GCM shuffler has sealed nothing yet, so its cipher has no GCM object in
+// its pool: the returns below are the first seals, made while operator new refuses
+// everything. Each of the entries is rented twice; with `threads`, the leases of each
+// entry are held by two threads, and all threads return at once.
+TEST_CASE("every GCM entry is sealed when its last lease ends, even with no memory to be had") {
+  using namespace memshuffle;
+  namespace failing_new = memshuffle::testing::failing_new;
+  constexpr std::size_t entries = 6;
+  for (bool threads : {false, true}) {
+    INFO("returned from several threads at once: ", threads);
+    shuffler s(shuffler_options{.cipher = cipher_kind::aes_256_gcm});
+    std::vector<handle> hs;
+    for (std::size_t i = 0; i < entries; ++i) hs.push_back(s.alloc<std::byte>(40 + 24 * i));
+    // Thread t holds a lease on entry t and one on entry t + 1: every entry ends when
+    // the later of two threads returns it.
+    std::vector<std::vector<lease<std::byte>>> held(entries);
+    for (std::size_t i = 0; i < entries; ++i) {
+      held[i].push_back(s.rent<std::byte>(hs[i]));
+      held[(i + 1) % entries].push_back(s.rent<std::byte>(hs[i]));
+      std::memset(held[i].back().get(), static_cast<int>(0x31 + i), s.size_of(hs[i]));
+    }
+    REQUIRE(s.stats().pinned_entries == entries);
+    const std::uint64_t encryptions = s.stats().encryptions;
+    const long failures = failing_new::failures();
+
+    std::atomic<bool> go{false};
+    std::vector<std::thread> workers;
+    if (threads)
+      for (auto& mine : held)
+        workers.emplace_back([&go, &mine] {
+          while (!go.load()) std::this_thread::yield();
+          for (auto& l : mine) l.reset();
+        });
+    failing_new::refuse_from(1);  // from here on every operator new throws
+    go = true;
+    for (auto& w : workers) w.join();
+    for (auto& mine : held)
+      for (auto& l : mine) l.reset();
+    failing_new::refuse_from(0);
+
+    CHECK(failing_new::failures() > failures);  // a GCM object was asked for and refused
+    CHECK(s.stats().pinned_entries == 0);
+    CHECK(s.stats().encryptions == encryptions + entries);
+    for (std::size_t i = 0; i < entries; ++i) {
+      CAPTURE(i);
+      std::vector<std::byte> v(s.size_of(hs[i]));
+      s.read(hs[i], v);
+      CHECK(std::all_of(v.begin(), v.end(), [&](std::byte b) { return b == std::byte(0x31 + i); }));
     }
   }
 }

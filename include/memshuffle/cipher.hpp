@@ -35,10 +35,11 @@ class cipher {
   static constexpr std::size_t gcm_tag_size = 16;    ///< bytes of tag GCM writes
 
   /// \effects Makes a cipher of `kind` under `key`. The expanded key (and, for GCM,
-  ///          the hash key tables of each pooled GCM object and a copy of the key,
-  ///          which keys new ones) live in memory from `secret_resource`, the
-  ///          library's secret memory when it is null; the heap holds none of them.
-  ///          The caller's key bytes are not kept.
+  ///          the hash key tables of each pooled GCM object, of one reserve
+  ///          encryption object keyed now, and a copy of the key, which keys new
+  ///          ones) live in memory from `secret_resource`, the library's secret
+  ///          memory when it is null; the heap holds none of them. The caller's key
+  ///          bytes are not kept.
   /// \throws std::invalid_argument when key.size() != key_size or kind is not one of
   ///         the enumerators; std::bad_alloc (or what secret_resource throws).
   /// \requires secret_resource, when given, outlives the cipher and is thread safe.
@@ -65,12 +66,14 @@ class cipher {
   ///          the nonce (12 bytes recommended), aad is authenticated, tag receives
   ///          gcm_tag_size bytes. none: data is left as it is. Clears the vector
   ///          registers before returning or throwing. Safe to call from several
-  ///          threads at once on one cipher.
+  ///          threads at once on one cipher. Needs no memory: when GCM has no pooled
+  ///          object free and cannot make one, it seals with the reserve object made
+  ///          at construction (threads in that case take turns).
   /// \throws std::invalid_argument when iv, aad or tag do not fit the kind (CTR: iv
   ///         not 16 bytes, aad or tag not empty; GCM: iv empty, tag not 16 bytes;
   ///         none: tag not empty), data then unchanged; memshuffle::fork_error in a
   ///         child process made by fork() after construction; std::logic_error after
-  ///         being moved from; std::bad_alloc when a GCM object cannot be made.
+  ///         being moved from. Never std::bad_alloc.
   void seal(std::span<const std::byte> iv, std::span<const std::byte> aad,
             std::span<std::byte> data, std::span<std::byte> tag) const;
 
@@ -78,7 +81,8 @@ class cipher {
   ///          Clears the vector registers before returning or throwing. Safe to call
   ///          from several threads at once on one cipher.
   /// \throws memshuffle::integrity_error (GCM) when the tag does not match data, aad
-  ///         and iv, data then unchanged; otherwise as seal().
+  ///         and iv, data then unchanged; std::bad_alloc when a GCM object cannot be
+  ///         made; otherwise as seal().
   void open(std::span<const std::byte> iv, std::span<const std::byte> aad,
             std::span<std::byte> data, std::span<const std::byte> tag) const;
 
