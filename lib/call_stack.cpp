@@ -1,7 +1,11 @@
 // Stack capture with Boost.Stacktrace over libbacktrace: capture records return
 // addresses only; file, line and function are looked up from the debug information
 // when a report asks for them.
+#if __has_include(<backtrace.h>)  // gcc ships it; clang does not see it
 #define BOOST_STACKTRACE_USE_BACKTRACE
+#else  // the same frame functions, compiled into libboost_stacktrace_backtrace
+#define BOOST_STACKTRACE_LINK
+#endif
 #include "call_stack.hpp"
 
 #include <boost/core/demangle.hpp>
