@@ -7,6 +7,7 @@
 #include <crypto++/cpu.h>
 
 #include <cstring>
+#include <stdexcept>
 
 namespace memshuffle::detail {
 
@@ -52,9 +53,25 @@ secret_aes::~secret_aes() {
   secure_wipe(m_aliasBlock.data(), m_aliasBlock.size());
 }
 
+// Keying first under an all-zero key sizes Crypto++'s blocks; once they are moved into
+// secret memory, keying again writes in place (a SecBlock of the same size keeps its
+// storage), so the real key's schedule never passes through the heap.
+namespace {
+constexpr CryptoPP::byte zero_key[32] = {};
+constexpr CryptoPP::byte unused_iv[12] = {};  // Crypto++ insists on an IV when keying GCM
+
+void check_in_place(const void* before, const void* after) {
+  if (before != after)
+    throw std::logic_error("memshuffle: Crypto++ moved a key block while keying (layout changed?)");
+}
+}  // namespace
+
 void secret_aes::key(const CryptoPP::byte* key, std::size_t size, std::pmr::memory_resource* resource) {
-  SetKey(key, size);
+  SetKey(zero_key, size);
   relocate_schedule(resource);
+  const void* block = storage(m_key);
+  SetKey(key, size);
+  check_in_place(block, storage(m_key));
 }
 
 void secret_aes::relocate_schedule(std::pmr::memory_resource* resource) {
@@ -75,11 +92,12 @@ secret_gcm<Encrypting>::~secret_gcm() {
 template <bool Encrypting>
 void secret_gcm<Encrypting>::key(const CryptoPP::byte* key, std::size_t size,
                                  std::pmr::memory_resource* resource) {
-  // Crypto++ insists on an IV when keying; every call resynchronises anyway.
-  const CryptoPP::byte unused_iv[12] = {};
-  SetKeyWithIV(key, size, unused_iv, sizeof unused_iv);
+  SetKeyWithIV(zero_key, size, unused_iv, sizeof unused_iv);
   aes_.relocate_schedule(resource);
   tables_.relocate(storage(m_buffer), m_buffer.size(), resource);
+  const void* tables = storage(m_buffer);
+  SetKeyWithIV(key, size, unused_iv, sizeof unused_iv);  // every call resynchronises anyway
+  check_in_place(tables, storage(m_buffer));
 }
 
 template <bool Encrypting>
