@@ -260,8 +260,12 @@ bool secret_pool_resource::state::give_large(std::uintptr_t a, std::size_t bytes
   large.erase(it);
   --stats.large_allocations;
   secure_wipe(span.data, span.usable);
-  if (spare_large.size() < spare_large_limit) spare_large.push_back(span);  // reserved ahead
-  else unmap(span);
+  if (spare_large.size() < spare_large_limit) {
+    spare_large.push_back(span);  // room reserved when the span was taken
+    stats.spare_large_bytes += span.reserved;
+  } else {
+    unmap(span);
+  }
   return true;
 }
 
@@ -271,6 +275,7 @@ page_span secret_pool_resource::state::large_span(std::size_t usable, on_lock_re
     const page_span s = spare_large[i];
     spare_large[i] = spare_large.back();
     spare_large.pop_back();
+    stats.spare_large_bytes -= s.reserved;
     return s;
   }
   // Room for the span when it comes back, so give_large never allocates.
@@ -287,6 +292,7 @@ page_span secret_pool_resource::state::large_span(std::size_t usable, on_lock_re
 void secret_pool_resource::state::drop_spare_large() noexcept {
   for (const page_span& s : spare_large) unmap(s);
   spare_large.clear();
+  stats.spare_large_bytes = 0;
 }
 
 secret_pool_resource::secret_pool_resource() : secret_pool_resource(secret_pool_options{}) {}

@@ -179,6 +179,7 @@ TEST_CASE("only a few emptied large spans are kept, the rest are unmapped") {
   for (int i = 0; i < 6; ++i) blocks.push_back(pool.allocate(2 * page));
   for (void* p : blocks) pool.deallocate(p, 2 * page);
   CHECK(pool.stats().bytes_mapped == 4 * (2 + 2) * page);  // four spans, guard pages included
+  CHECK(pool.stats().spare_large_bytes == 4 * (2 + 2) * page);
   const std::ptrdiff_t readable = std::count_if(blocks.begin(), blocks.end(), [](void* p) { return mapped(p); });
   CHECK(readable == 4);
 }

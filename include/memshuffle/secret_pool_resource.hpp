@@ -36,6 +36,7 @@ struct secret_pool_stats {
   std::size_t total_allocations = 0;   ///< ever
   std::size_t bad_deallocations = 0;   ///< ignored: double free, foreign pointer, wrong size
   std::size_t forked_blocks = 0;       ///< blocks from before a fork freed in the child
+  std::size_t spare_large_bytes = 0;   ///< emptied large spans kept for reuse (in bytes_mapped)
 };
 
 /// A packed, thread-safe, fork-aware pool of small secret blocks in power-of-two size

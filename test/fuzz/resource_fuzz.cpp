@@ -112,11 +112,13 @@ class resource_fuzz {
                        &under_arena_);
         break;
       default:
+        reuse_last_block_ = in_.ConsumeBool();
         arena_.emplace(
             memshuffle::arena_options{
                 .initial_size = in_.ConsumeIntegralInRange<std::size_t>(1, 2048),
                 .growth_factor = 1.0 + in_.ConsumeIntegralInRange(0, 30) / 10.0,
-                .max_chunk_size = in_.ConsumeIntegralInRange<std::size_t>(2048, 16384)},
+                .max_chunk_size = in_.ConsumeIntegralInRange<std::size_t>(2048, 16384),
+                .reuse_last_block = reuse_last_block_},
             &under_arena_);
     }
   }
@@ -269,9 +271,11 @@ class resource_fuzz {
     m.note_peak();
   }
 
+  // Only an arena made with reuse_last_block gives the most recent block back; by
+  // default deallocate has no effect, as monotonic_buffer_resource's.
   void pop_if_top(const block& b) {
     auto& m = arena_model_;
-    if (m.occupied.empty() || m.occupied.back().p != b.p ||
+    if (!reuse_last_block_ || m.occupied.empty() || m.occupied.back().p != b.p ||
         b.p + std::max<std::size_t>(b.bytes, 1) != m.top)
       return;
     m.note_peak();
@@ -436,6 +440,7 @@ class resource_fuzz {
   memshuffle::tracking_resource direct_;
   memshuffle::tracking_resource under_arena_;
   std::optional<memshuffle::arena_resource> arena_;
+  bool reuse_last_block_ = false;
   arena_model arena_model_;
   std::vector<block> direct_live_;
   std::vector<std::byte*> freed_;
