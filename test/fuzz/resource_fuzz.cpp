@@ -207,7 +207,7 @@ class resource_fuzz {
         bool threw = false;
         try {
           (void)a.allocate(8, 3 << in_.ConsumeIntegralInRange(0, 8));
-        } catch (const memshuffle::type_error&) {
+        } catch (const memshuffle::bad_alignment&) {
           threw = true;
         }
         FUZZ_CHECK(threw);
