@@ -47,7 +47,8 @@ shuffler::impl::impl(const shuffler_options& o, const key_type* key, const salt_
       table(tag.grant.tag, tag.grant.first_generation),
       heap(up, o.arena_size),
       keys(o.cipher),
-      rng(random_u64()) {
+      rng(random_u64()),
+      ops_left(o.shuffle_every) {
   keys.rotate_to(key, salt);
 }
 
@@ -153,8 +154,9 @@ void shuffler::impl::doom_open(std::uint32_t i) noexcept {
 // --- policies -------------------------------------------------------------------------
 
 void shuffler::impl::count_op() noexcept {
-  ++ops;
-  if (opt.shuffle_every != 0 && ops % opt.shuffle_every == 0) try_shuffle();
+  if (opt.shuffle_every == 0 || --ops_left != 0) return;
+  ops_left = opt.shuffle_every;
+  try_shuffle();
 }
 
 void shuffler::impl::check_ratio() noexcept {

@@ -85,7 +85,9 @@ struct shuffler::impl {
   std::vector<std::byte*> stays, dest;
   std::vector<detail::request> reqs;
 
-  std::uint64_t ops = 0;
+  // Operations until shuffle_every asks for a shuffle: a countdown, as a modulo would
+  // put a division on every rent and return.
+  std::uint64_t ops_left = 0;
   // Every counter of stats() that the heap and the table do not keep themselves.
   shuffler_stats counters;
 
