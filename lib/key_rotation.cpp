@@ -28,7 +28,7 @@ void shuffler::synchronized::rotate(std::unique_lock<std::mutex>& lk, const key_
         [&] {
           cursor = core.mark_batch(cursor, batch, scratch);  // may throw: all readable still
           if (!batch.empty()) to = &core.keys[batch.front().to_id];
-          return !batch.empty();
+          return batch.empty() ? work_at::nowhere : work_at::outside;
         },
         [&] {
           for (impl::reseal& r : batch) core.reencrypt(r, *to, scratch.bytes());

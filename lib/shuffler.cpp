@@ -93,7 +93,8 @@ shuffler::rented shuffler::synchronized::rent(handle h, std::size_t size, std::s
       [&] {
         for (;;) {
           const auto p = core.pin_for_rent(job);
-          if (p != impl::pinned::busy) return p == impl::pinned::work;
+          if (p == impl::pinned::work) return place(job.bytes);
+          if (p == impl::pinned::done) return work_at::nowhere;
           cv.wait(lk);  // opening or sealing: wait for it, then look again
         }
       },
@@ -105,7 +106,8 @@ void shuffler::synchronized::give_back(std::unique_lock<std::mutex>& lk, handle 
   impl::seal_job job{.h = h};
   bool sealed = false;
   transition(
-      lk, [&] { return core.pin_for_return(job) == impl::pinned::work; }, [&] { core.seal_outside(job); },
+      lk, [&] { return core.pin_for_return(job) == impl::pinned::work ? place(job.bytes) : work_at::nowhere; },
+      [&] { core.seal_outside(job); },
       [&] {
         core.commit_return(job);
         sealed = true;

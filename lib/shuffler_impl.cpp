@@ -9,6 +9,7 @@
 #include <limits>
 #include <new>
 #include <string>
+#include <utility>
 
 #include "secret_memory.hpp"
 
@@ -41,6 +42,7 @@ shuffler::impl::impl(const shuffler_options& o, const key_type* key, const salt_
     : opt(o),
       upstream(up),
       window_resource(window_resource_of(o)),
+      keep_spare(window_resource == detail::secret_memory()),
       encrypting(o.cipher != cipher_kind::none),
       tag_bytes(o.cipher == cipher_kind::aes_256_gcm ? cipher::gcm_tag_size : 0),
       on_return(o.shuffle_on_return),
@@ -58,6 +60,7 @@ shuffler::impl::~impl() {
     const entry& e = table[i];
     if (e.st() == entry_state::open) drop_window(e);
   }
+  if (spare.p != nullptr) window_resource->deallocate(spare.p, spare.bytes, spare.alignment);
   tag.used = table.generations_used();
 }
 
@@ -123,12 +126,22 @@ entry& shuffler::impl::find_live(handle h) {
   return *e;
 }
 
+std::byte* shuffler::impl::take_window(const entry& e) {
+  if (spare.p != nullptr && spare.bytes == e.size && spare.alignment == e.alignment())
+    return std::exchange(spare.p, nullptr);
+  return static_cast<std::byte*>(window_resource->allocate(e.size, e.alignment()));
+}
+
+void shuffler::impl::give_window(window_block w) noexcept {
+  secure_wipe(w.p, w.bytes);
+  if (keep_spare && w.bytes <= small_entry_bytes) std::swap(w, spare);
+  if (w.p != nullptr) window_resource->deallocate(w.p, w.bytes, w.alignment);
+}
+
 void shuffler::impl::drop_window(const entry& e) noexcept {
   if (window_resource == nullptr) return;
   std::byte* w = plaintext_of(e);
-  if (w == nullptr) return;
-  secure_wipe(w, e.size);
-  window_resource->deallocate(w, e.size, e.alignment());
+  if (w != nullptr) give_window({w, e.size, e.alignment()});
 }
 
 void shuffler::impl::doom(std::uint32_t i) noexcept {
@@ -195,8 +208,7 @@ shuffler::impl::pinned shuffler::impl::pin_for_rent(open_job& job) {
   const bool first = e.st() == entry_state::at_rest;
   if (first && needs_work()) {
     // The window is taken now: this can throw, and nothing has changed yet.
-    if (window_resource != nullptr)
-      job.window = static_cast<std::byte*>(window_resource->allocate(e.size, e.alignment()));
+    if (window_resource != nullptr) job.window = take_window(e);
     job.data = e.data;
     job.bytes = e.size;
     job.seq = e.aux;
@@ -240,7 +252,7 @@ void shuffler::impl::commit_rent(open_job& job) {
   entry& e = table[job.index];
   if (job.result != outcome::done) {
     // A failed open leaves the entry at rest, exactly as it was.
-    if (job.window != nullptr) window_resource->deallocate(job.window, job.bytes, e.alignment());
+    if (job.window != nullptr) give_window({job.window, job.bytes, e.alignment()});
     e.pins = 0;
     e.set(entry_state::at_rest);
     --counters.pinned_entries;

@@ -52,6 +52,14 @@ struct shuffler::impl {
   std::pmr::memory_resource* upstream;
   // Where a lease shows plaintext: null when it decrypts in place in the arena.
   std::pmr::memory_resource* window_resource;
+  // The window of the last small lease, wiped, kept for the next one of that size: a
+  // rent+return of a small entry then never calls the pool (its lock and books cost as
+  // much as the cipher). Only with the library's secret memory, which no caller watches.
+  struct window_block {
+    std::byte* p = nullptr;
+    std::size_t bytes = 0, alignment = 0;
+  } spare;
+  const bool keep_spare;
   const bool encrypting;
   const std::size_t tag_bytes;
   bool on_return;
@@ -97,6 +105,13 @@ struct shuffler::impl {
   }
   // Whether renting or returning the entry does work outside the lock.
   bool needs_work() const noexcept { return encrypting || window_resource != nullptr; }
+  // Opening or sealing a small CTR entry (about 45 ns for 64 bytes) costs less than
+  // releasing the lock, taking it again and waking waiters; GCM's fixed cost is higher.
+  static constexpr std::size_t small_entry_bytes = 256;
+  bool work_under_lock(std::size_t bytes) const noexcept { return tag_bytes == 0 && bytes <= small_entry_bytes; }
+  // A window for e (the spare if it fits), and its wiped return.
+  std::byte* take_window(const entry& e);
+  void give_window(window_block w) noexcept;
   std::span<const std::byte> aad_span(const std::array<std::byte, 8>& aad) const noexcept {
     return tag_bytes != 0 ? std::span<const std::byte>(aad) : std::span<const std::byte>();
   }

@@ -26,13 +26,27 @@ struct shuffler::synchronized {
   }
   bool forked() const noexcept { return detail::fork_epoch() != epoch; }
 
+  // Where pin() wants the work done: nowhere (nothing to do), here (under the lock: the
+  // work is cheaper than unlocking, relocking and waking), or outside the lock.
+  enum class work_at { nowhere, here, outside };
+  work_at place(std::size_t bytes) const noexcept {
+    return core.work_under_lock(bytes) ? work_at::here : work_at::outside;
+  }
+
   // The one sequence of every cipher call on entries: pin() under the lock marks them
-  // opening or sealing and returns whether there is work outside it; work() runs with
-  // the lock released and never throws; commit() runs under the lock again, and every
-  // thread waiting for an entry in transition is woken afterwards.
+  // opening or sealing and says where the work goes; work() never throws; commit() runs
+  // under the lock. Work done outside the lock wakes every thread waiting for an entry
+  // in transition afterwards; work done here needs no wake, as no thread saw the entry
+  // in transition.
   template <class Pin, class Work, class Commit>
   void transition(std::unique_lock<std::mutex>& lk, Pin&& pin, Work&& work, Commit&& commit) {
-    if (!pin()) return;
+    const work_at at = pin();
+    if (at == work_at::nowhere) return;
+    if (at == work_at::here) {
+      work();
+      commit();
+      return;
+    }
     lk.unlock();
     work();
     lk.lock();

@@ -573,4 +573,29 @@ TEST_CASE("a key rotation works in secret memory, not in the upstream or the pla
   for (const auto& [h, v] : small) CHECK(get(s, h) == v);
 }
 
+TEST_CASE("renting a small entry again and again takes one window from secret memory, kept wiped between leases") {
+  memshuffle::secret_pool_resource& pool = memshuffle::default_secret_pool();
+  const std::size_t blocks_before = pool.stats().blocks;
+  {
+    shuffler s({.cipher = cipher_kind::aes_256_ctr});
+    const handle h = s.alloc<std::byte>(64);
+    const std::size_t taken_before = pool.stats().total_allocations;
+    std::byte* window = nullptr;
+    {
+      auto lease = s.rent<std::byte>(h);
+      window = lease.get();
+      std::fill_n(lease.get(), 64, std::byte{0xAB});
+    }
+    // Kept for the next lease, and wiped: the seal left ciphertext in it.
+    CHECK(std::all_of(window, window + 64, [](std::byte b) { return b == std::byte{0}; }));
+    for (int i = 0; i < 100; ++i) {
+      auto lease = s.rent<std::byte>(h);
+      CHECK(lease.get() == window);
+      CHECK(lease.get()[63] == std::byte{0xAB});
+    }
+    CHECK(pool.stats().total_allocations - taken_before == 1);
+  }
+  CHECK(pool.stats().blocks == blocks_before);  // the kept window went back with the shuffler
+}
+
 }  // TEST_SUITE
