@@ -18,6 +18,7 @@
 #include <cstring>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -200,6 +201,49 @@ void cryptopp_threads(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 
+// Key rotation over 64 MiB of entries of one size, against the same rotation without
+// custody: raw Crypto++ CTR objects keyed once, each entry decrypted under the old key
+// and encrypted under the new one in place, in the ordinary heap (plaintext there for a
+// moment, no scratch of secret memory, no batches, no register clearing).
+constexpr std::size_t rotated_bytes = std::size_t{64} << 20;
+
+void BM_shuffler_rotate_key_64MiB(benchmark::State& state) {
+  const auto bytes = static_cast<std::size_t>(state.range(0));
+  shuffler s({.cipher = cipher_kind::aes_256_ctr});
+  const std::vector<std::byte> value(bytes, std::byte{7});
+  for (std::size_t i = 0; i < rotated_bytes / bytes; ++i) s.write(s.alloc<std::byte>(bytes), value);
+  for (auto _ : state) s.rotate_key();
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * rotated_bytes));
+}
+
+void BM_cryptopp_rotate_64MiB(benchmark::State& state) {
+  const auto bytes = static_cast<std::size_t>(state.range(0));
+  std::vector<byte> heap(rotated_bytes, 7);
+  std::array<byte, 32> next_key = key;
+  next_key[0] ^= 1;
+  std::array<byte, 16> iv{};
+  CryptoPP::CTR_Mode<CryptoPP::AES>::Encryption from, to;
+  from.SetKeyWithIV(key.data(), key.size(), iv.data(), iv.size());
+  to.SetKeyWithIV(next_key.data(), next_key.size(), iv.data(), iv.size());
+  auto* old_key = &from;
+  auto* new_key = &to;
+  std::uint64_t seq = 0;
+  for (auto _ : state) {
+    for (std::size_t at = 0; at < rotated_bytes; at += bytes) {
+      std::memcpy(iv.data(), &seq, sizeof seq);  // the entry's old counter
+      old_key->Resynchronize(iv.data(), static_cast<int>(iv.size()));
+      old_key->ProcessData(heap.data() + at, heap.data() + at, bytes);
+      ++seq;                                      // and a fresh one
+      std::memcpy(iv.data(), &seq, sizeof seq);
+      new_key->Resynchronize(iv.data(), static_cast<int>(iv.size()));
+      new_key->ProcessData(heap.data() + at, heap.data() + at, bytes);
+    }
+    std::swap(old_key, new_key);
+    benchmark::DoNotOptimize(heap.data());
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * rotated_bytes));
+}
+
 void register_all() {
   for (std::size_t n : sizes) {
     const auto arg = static_cast<std::int64_t>(n);
@@ -214,6 +258,12 @@ void register_all() {
     benchmark::RegisterBenchmark("BM_shuffler_gcm_rent_return_in_place", BM_shuffler_gcm_rent_return_in_place)
         ->Arg(arg);
     benchmark::RegisterBenchmark("BM_sodium_guarded_access", BM_sodium_guarded_access)->Arg(arg);
+  }
+  for (std::int64_t n : {64, 4096}) {
+    benchmark::RegisterBenchmark("BM_shuffler_rotate_key_64MiB", BM_shuffler_rotate_key_64MiB)
+        ->Arg(n)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("BM_cryptopp_rotate_64MiB", BM_cryptopp_rotate_64MiB)
+        ->Arg(n)->Unit(benchmark::kMillisecond);
   }
   // Separate names, so the goal table can tell the two runs apart.
   benchmark::RegisterBenchmark("BM_ctr_rent_return_4KiB_1_thread", threads_rent_return)
@@ -242,6 +292,11 @@ void print_goals(const memshuffle::bench::goal_reporter& r) {
   print_goal("GCM rent+return 64 B / Crypto++ GCM", ratio(r.ns("BM_shuffler_gcm_rent_return/64"),
              r.ns("BM_cryptopp_gcm_open_seal/64")), "x", goal{1.8, true});
   print_goal("GCM rent+return 64 B", r.ns("BM_shuffler_gcm_rent_return/64"), "ns");
+  // Custody (secret scratch, batches, register clearing) must cost little on rotation too.
+  print_goal("rotate_key 64 MiB of 4 KiB / Crypto++ in place", ratio(r.ns("BM_shuffler_rotate_key_64MiB/4096"),
+             r.ns("BM_cryptopp_rotate_64MiB/4096")), "x", goal{1.25, true});
+  print_goal("rotate_key 64 MiB of 64 B / Crypto++ in place", ratio(r.ns("BM_shuffler_rotate_key_64MiB/64"),
+             r.ns("BM_cryptopp_rotate_64MiB/64")), "x", goal{1.25, true});
   print_goal("CTR rent+return 32 B / sodium guarded 32 B", ratio(r.ns("BM_shuffler_ctr_rent_return/32"),
              r.ns("BM_sodium_guarded_access/32")), "x");
   print_goal("CTR rent+return 4 KiB / sodium guarded 4 KiB", ratio(r.ns("BM_shuffler_ctr_rent_return/4096"),

@@ -191,13 +191,14 @@ struct cipher::impl {
     }
   }
 
-  void ctr(std::span<const std::byte> iv, std::span<std::byte> data) const {
+  void ctr(std::span<const std::byte> iv, std::span<const std::byte> in, std::span<std::byte> out) const {
     std::unique_lock lock(aes_mutex, std::defer_lock);
     if (!aes_shared_safely) lock.lock();
     alignas(16) byte counter[block_size];
     std::copy_n(bytes(iv), block_size, counter);
-    byte* p = bytes(data);
-    std::size_t blocks = data.size() / block_size;
+    const byte* from = bytes(in);
+    byte* to = bytes(out);
+    std::size_t blocks = in.size() / block_size;
     const int flags = CryptoPP::BlockTransformation::BT_InBlockIsCounter |
                       CryptoPP::BlockTransformation::BT_AllowParallel;
     alignas(16) byte start[block_size];
@@ -206,15 +207,16 @@ struct cipher::impl {
       // the 128-bit block is ours.
       const std::size_t run = std::min<std::size_t>(blocks, 256 - counter[block_size - 1]);
       std::copy_n(counter, block_size, start);
-      aes.AdvancedProcessBlocks(start, p, p, run * block_size, flags);
+      aes.AdvancedProcessBlocks(start, from, to, run * block_size, flags);
       add_to_counter(counter, run);
-      p += run * block_size;
+      from += run * block_size;
+      to += run * block_size;
       blocks -= run;
     }
-    if (const std::size_t tail = data.size() % block_size; tail != 0) {
+    if (const std::size_t tail = in.size() % block_size; tail != 0) {
       alignas(16) byte pad[block_size];
       aes.ProcessBlock(counter, pad);
-      for (std::size_t i = 0; i < tail; ++i) p[i] ^= pad[i];
+      for (std::size_t i = 0; i < tail; ++i) to[i] = from[i] ^ pad[i];
       secure_wipe(pad, block_size);
     }
     secure_wipe(counter, block_size);
@@ -276,14 +278,17 @@ void check_arguments(const cipher& c, std::span<const std::byte> iv, std::size_t
 // (none does nothing, CTR is its own inverse). True when GCM work is left to do.
 template <class Impl>
 bool symmetric_part(const Impl* impl, const cipher& c, std::span<const std::byte> iv, std::size_t aad_size,
-                    std::span<std::byte> data, std::size_t tag_size) {
+                    std::span<const std::byte> in, std::span<std::byte> out, std::size_t tag_size) {
   if (impl == nullptr) throw std::logic_error("memshuffle::cipher: used after being moved from");
   // A child of fork() would reuse the parent's keystream: it gets no use of the key.
   if (detail::fork_epoch() != impl->epoch)
     throw fork_error("memshuffle::cipher: used in a child process made by fork(); a cipher "
                      "works only in the process that constructed it");
   check_arguments(c, iv, aad_size, tag_size);
-  if (impl->kind == cipher_kind::aes_256_ctr) impl->ctr(iv, data);
+  check(in.size() == out.size(), "in and out differ in size");
+  if (impl->kind == cipher_kind::aes_256_ctr) impl->ctr(iv, in, out);
+  if (impl->kind == cipher_kind::none && !in.empty() && in.data() != out.data())
+    std::memcpy(out.data(), in.data(), in.size());
   return impl->kind == cipher_kind::aes_256_gcm;
 }
 
@@ -291,11 +296,21 @@ bool symmetric_part(const Impl* impl, const cipher& c, std::span<const std::byte
 
 void cipher::seal(std::span<const std::byte> iv, std::span<const std::byte> aad,
                   std::span<std::byte> data, std::span<std::byte> tag) const {
+  seal(iv, aad, data, data, tag);
+}
+
+void cipher::open(std::span<const std::byte> iv, std::span<const std::byte> aad,
+                  std::span<std::byte> data, std::span<const std::byte> tag) const {
+  open(iv, aad, data, data, tag);
+}
+
+void cipher::seal(std::span<const std::byte> iv, std::span<const std::byte> aad, std::span<const std::byte> in,
+                  std::span<std::byte> out, std::span<std::byte> tag) const {
   const detail::vector_register_guard clear;
-  if (!symmetric_part(impl_.get(), *this, iv, aad.size(), data, tag.size())) return;
+  if (!symmetric_part(impl_.get(), *this, iv, aad.size(), in, out, tag.size())) return;
   const auto encrypt = [&](detail::secret_gcm<true>& gcm) {
-    gcm.EncryptAndAuthenticate(bytes(data), bytes(tag), tag.size(), bytes(iv), iv.size(),
-                               bytes(aad), aad.size(), bytes(data), data.size());
+    gcm.EncryptAndAuthenticate(bytes(out), bytes(tag), tag.size(), bytes(iv), iv.size(),
+                               bytes(aad), aad.size(), bytes(in), in.size());
   };
   if (auto gcm = impl_->gcm_enc.try_take(*impl_->gcm_key); gcm.mode) {
     encrypt(*gcm.mode);
@@ -309,19 +324,24 @@ void cipher::seal(std::span<const std::byte> iv, std::span<const std::byte> aad,
   encrypt(reserve.gcm);
 }
 
-void cipher::open(std::span<const std::byte> iv, std::span<const std::byte> aad,
-                  std::span<std::byte> data, std::span<const std::byte> tag) const {
+void cipher::open(std::span<const std::byte> iv, std::span<const std::byte> aad, std::span<const std::byte> in,
+                  std::span<std::byte> out, std::span<const std::byte> tag) const {
   const detail::vector_register_guard clear;
-  if (!symmetric_part(impl_.get(), *this, iv, aad.size(), data, tag.size())) return;
+  if (!symmetric_part(impl_.get(), *this, iv, aad.size(), in, out, tag.size())) return;
   auto gcm = impl_->gcm_dec.take(*impl_->gcm_key);
-  // One pass: the tag is computed over the ciphertext while it is decrypted in place.
-  // On a mismatch the same keystream is applied again, which restores the ciphertext,
-  // so the caller's bytes end exactly as they came.
-  const bool ok = gcm->DecryptAndVerify(bytes(data), bytes(tag), tag.size(), bytes(iv), iv.size(),
-                                        bytes(aad), aad.size(), bytes(data), data.size());
+  // One pass: the tag is computed over the ciphertext while it is decrypted. On a
+  // mismatch the plaintext is not shown: in place, the same keystream is applied again,
+  // which restores the ciphertext, so the caller's bytes end exactly as they came;
+  // into another range, that range is wiped.
+  const bool ok = gcm->DecryptAndVerify(bytes(out), bytes(tag), tag.size(), bytes(iv), iv.size(),
+                                        bytes(aad), aad.size(), bytes(in), in.size());
   if (!ok) {
-    gcm->Resynchronize(bytes(iv), static_cast<int>(iv.size()));
-    gcm->ProcessString(bytes(data), data.size());
+    if (in.data() == out.data()) {
+      gcm->Resynchronize(bytes(iv), static_cast<int>(iv.size()));
+      gcm->ProcessString(bytes(out), out.size());
+    } else {
+      secure_wipe(out.data(), out.size());
+    }
     throw integrity_error("memshuffle::cipher: the GCM tag does not match (data, "
                           "associated data or nonce altered)");
   }

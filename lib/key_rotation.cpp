@@ -98,19 +98,18 @@ std::uint32_t shuffler::impl::mark_batch(std::uint32_t cursor, std::vector<resea
   return cursor;
 }
 
+// Decrypts from the arena into the scratch and encrypts from there back into the arena,
+// so the plaintext exists only in the scratch (secret memory), wiped at once.
 void shuffler::impl::reencrypt(reseal& r, const key_slot& k, std::span<std::byte> scratch) const noexcept {
-  const std::size_t n = r.size + tag_bytes;
   std::byte* buf = scratch.data() + r.offset;
-  const auto aad = detail::be64(static_cast<std::uint64_t>(r.h));
-  if (n > scratch.size() - r.offset) {  // CTR, larger than a batch: piece by piece
-    const std::size_t piece = (scratch.size() - r.offset) & ~std::size_t{15};
+  const std::size_t room = scratch.size() - r.offset;
+  if (r.size + tag_bytes > room) {  // CTR, larger than a batch: piece by piece
+    const std::size_t piece = room & ~std::size_t{15};
     try {
-      for (std::size_t at = 0; at < n; at += piece) {
-        const std::size_t len = std::min(piece, n - at);
-        std::memcpy(buf, r.data + at, len);
-        r.from->c.open(detail::counter_block(*r.from, r.from_seq, at / 16), {}, {buf, len}, {});
-        k.c.seal(detail::counter_block(k, r.to_seq, at / 16), {}, {buf, len}, {});
-        std::memcpy(r.data + at, buf, len);
+      for (std::size_t at = 0; at < r.size; at += piece) {
+        const std::size_t len = std::min(piece, r.size - at);
+        r.from->c.open(detail::counter_block(*r.from, r.from_seq, at / 16), {}, {r.data + at, len}, {buf, len}, {});
+        k.c.seal(detail::counter_block(k, r.to_seq, at / 16), {}, {buf, len}, {r.data + at, len}, {});
       }
       r.result = outcome::done;
     } catch (...) {
@@ -119,20 +118,19 @@ void shuffler::impl::reencrypt(reseal& r, const key_slot& k, std::span<std::byte
     secure_wipe(buf, piece);
     return;
   }
-  std::memcpy(buf, r.data, n);
+  const auto aad = detail::be64(static_cast<std::uint64_t>(r.h));
+  const std::span<std::byte> entry{r.data, r.size}, plain{buf, r.size}, tag{r.data + r.size, tag_bytes};
   r.result = outcome::done;
   try {
-    r.from->c.open(detail::iv_for(*r.from, detail::counter_block(*r.from, r.from_seq)), aad_span(aad), {buf, r.size},
-                   {buf + r.size, tag_bytes});
-    k.c.seal(detail::iv_for(k, detail::counter_block(k, r.to_seq)), aad_span(aad), {buf, r.size},
-             {buf + r.size, tag_bytes});
+    r.from->c.open(detail::iv_for(*r.from, detail::counter_block(*r.from, r.from_seq)), aad_span(aad), entry, plain,
+                   tag);
+    k.c.seal(detail::iv_for(k, detail::counter_block(k, r.to_seq)), aad_span(aad), plain, entry, tag);
   } catch (const integrity_error&) {
     r.result = outcome::altered;  // left as it is, under its old key
   } catch (...) {
-    r.result = outcome::no_memory;  // the cipher's own allocation failed
+    r.result = outcome::no_memory;  // the cipher's own allocation failed; the entry untouched
   }
-  if (r.result == outcome::done) std::memcpy(r.data, buf, n);
-  else secure_wipe(buf, n);
+  secure_wipe(buf, r.size);
 }
 
 }  // namespace memshuffle

@@ -215,6 +215,42 @@ TEST_CASE("a GCM open of an altered byte, tag, associated data or nonce throws a
   CHECK(data == hex(spec_plaintext_60));
 }
 
+TEST_CASE("sealing and opening from one range into another gives what in place gives, and leaves the input alone") {
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 rng(seed);
+  for (auto kind : all_ciphers) {
+    CAPTURE(static_cast<int>(kind));
+    const cipher c(kind, random_bytes(rng, 32));
+    const bool gcm = kind == cipher_kind::aes_256_gcm;
+    for (std::size_t n : {0, 1, 15, 16, 17, 64, 100, 4103}) {
+      CAPTURE(n);
+      const bytes iv = random_bytes(rng, gcm ? 12 : 16), aad = gcm ? random_bytes(rng, 5) : bytes{};
+      const bytes plaintext = random_bytes(rng, n);
+      bytes in_place = plaintext, tag_in_place(c.tag_size()), sealed(n), tag(c.tag_size());
+      c.seal(iv, aad, in_place, tag_in_place);
+      c.seal(iv, aad, plaintext, sealed, tag);
+      CHECK(sealed == in_place);
+      CHECK(tag == tag_in_place);
+      bytes opened(n);
+      c.open(iv, aad, sealed, opened, tag);
+      CHECK(opened == plaintext);
+      CHECK(sealed == in_place);  // the input is read only
+    }
+  }
+}
+
+TEST_CASE("a GCM open into another range that fails its tag leaves zeros there and the input as it was") {
+  const cipher c(cipher_kind::aes_256_gcm, hex(spec_key));
+  gcm_message m;
+  c.seal(m.iv, m.aad, m.data, m.tag);
+  const bytes sealed = m.data;
+  m.tag[0] ^= std::byte{1};
+  bytes out(sealed.size(), std::byte{0x55});
+  CHECK_THROWS_AS(c.open(m.iv, m.aad, sealed, out, m.tag), memshuffle::integrity_error);
+  CHECK(out == bytes(sealed.size()));  // no unverified plaintext shown
+  CHECK(sealed == m.data);
+}
+
 TEST_CASE("a key that is not 32 bytes is rejected for every cipher kind") {
   for (auto kind : all_ciphers) {
     CAPTURE(static_cast<int>(kind));
@@ -245,6 +281,13 @@ TEST_CASE("arguments that do not fit the cipher are rejected and the data is lef
   const cipher none(cipher_kind::none, key);
   CHECK_THROWS_AS(none.seal(iv16, {}, data, tag16), std::invalid_argument);
   CHECK(data == original);
+
+  // From one range into another: the sizes must agree, and the output is left alone.
+  bytes shorter(original.size() - 1, std::byte{9});
+  CHECK_THROWS_AS(ctr.seal(iv16, {}, original, shorter, {}), std::invalid_argument);
+  CHECK_THROWS_AS(gcm.open(iv12, {}, original, shorter, tag16), std::invalid_argument);
+  CHECK_THROWS_AS(none.seal(iv16, {}, original, shorter, {}), std::invalid_argument);
+  CHECK(shorter == bytes(original.size() - 1, std::byte{9}));
 }
 
 TEST_CASE("the none cipher leaves data as it is and writes no tag") {

@@ -25,7 +25,7 @@ using key_type = std::array<std::byte, 32>;
 /// An 8-byte salt.
 using salt_type = std::array<std::byte, 8>;
 
-/// Seals and opens byte ranges in place under one key; the key material lives in
+/// Seals and opens byte ranges, in place or from one range into another, under one key; the key material lives in
 /// secret memory. Thread safe for seal() and open().
 class cipher {
  public:
@@ -85,6 +85,23 @@ class cipher {
   ///         made; otherwise as seal().
   void open(std::span<const std::byte> iv, std::span<const std::byte> aad,
             std::span<std::byte> data, std::span<const std::byte> tag) const;
+
+  /// \effects As seal(iv, aad, data, tag), reading the plaintext from `in` and writing
+  ///          the ciphertext to `out`: no copy of the plaintext is needed where the
+  ///          ciphertext is to be kept. `in` and `out` are one range or do not overlap.
+  /// \throws As seal(), and std::invalid_argument when in.size() != out.size(); out
+  ///         then unchanged.
+  void seal(std::span<const std::byte> iv, std::span<const std::byte> aad, std::span<const std::byte> in,
+            std::span<std::byte> out, std::span<std::byte> tag) const;
+
+  /// \effects As open(iv, aad, data, tag), reading the ciphertext from `in` and writing
+  ///          the plaintext to `out`. `in` and `out` are one range or do not overlap.
+  /// \throws As open(), and std::invalid_argument when in.size() != out.size(). On
+  ///         integrity_error `in` is unchanged and `out` holds zeros (it held
+  ///         unverified plaintext), or, when `in` and `out` are one range, the
+  ///         ciphertext as it came.
+  void open(std::span<const std::byte> iv, std::span<const std::byte> aad, std::span<const std::byte> in,
+            std::span<std::byte> out, std::span<const std::byte> tag) const;
 
  private:
   struct impl;
