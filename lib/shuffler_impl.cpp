@@ -134,7 +134,7 @@ std::byte* shuffler::impl::take_window(const entry& e) {
 
 void shuffler::impl::give_window(window_block w) noexcept {
   secure_wipe(w.p, w.bytes);
-  if (keep_spare && w.bytes <= small_entry_bytes) std::swap(w, spare);
+  if (keep_spare && w.bytes <= spare_window_bytes) std::swap(w, spare);
   if (w.p != nullptr) window_resource->deallocate(w.p, w.bytes, w.alignment);
 }
 
@@ -231,13 +231,12 @@ void shuffler::impl::open_outside(open_job& job) const noexcept {
   try {
     if (!job.written) {
       std::memset(target, 0, n);
-    } else {
-      if (job.window != nullptr) std::memcpy(job.window, job.data, n);
-      if (job.key != nullptr) {
-        const auto aad = be64(static_cast<std::uint64_t>(job.h));
-        job.key->c.open(iv_for(*job.key, counter_block(*job.key, job.seq)), aad_span(aad), {target, n},
-                        {job.data + n, tag_bytes});
-      }
+    } else if (job.key != nullptr) {  // from the arena into the window (or in place)
+      const auto aad = be64(static_cast<std::uint64_t>(job.h));
+      job.key->c.open(iv_for(*job.key, counter_block(*job.key, job.seq)), aad_span(aad), {job.data, n}, {target, n},
+                      {job.data + n, tag_bytes});
+    } else if (job.window != nullptr) {
+      std::memcpy(job.window, job.data, n);
     }
     job.result = outcome::done;
   } catch (const integrity_error&) {
@@ -302,18 +301,17 @@ shuffler::impl::pinned shuffler::impl::pin_for_return(seal_job& job) {
 
 void shuffler::impl::seal_outside(seal_job& job) const noexcept {
   const key_slot& k = *job.key;
-  std::byte* const target = job.window != nullptr ? job.window : job.data;
+  std::byte* const plain = job.window != nullptr ? job.window : job.data;
   // cipher::seal needs no memory (a GCM cipher keeps a reserve object), so a return
   // never fails for lack of it; the catch only keeps this noexcept.
   try {
+    // From the window (or in place) into the arena; commit_return wipes the window.
     const auto aad = be64(static_cast<std::uint64_t>(job.h));
-    k.c.seal(iv_for(k, counter_block(k, job.seq)), aad_span(aad), {target, job.bytes},
+    k.c.seal(iv_for(k, counter_block(k, job.seq)), aad_span(aad), {plain, job.bytes}, {job.data, job.bytes},
              {job.data + job.bytes, tag_bytes});
   } catch (...) {
     job.result = outcome::no_memory;  // stays open, sealed on its next return
-    return;
   }
-  if (job.window != nullptr) std::memcpy(job.data, job.window, job.bytes);
 }
 
 void shuffler::impl::commit_return(seal_job& job) {

@@ -52,9 +52,10 @@ struct shuffler::impl {
   std::pmr::memory_resource* upstream;
   // Where a lease shows plaintext: null when it decrypts in place in the arena.
   std::pmr::memory_resource* window_resource;
-  // The window of the last small lease, wiped, kept for the next one of that size: a
-  // rent+return of a small entry then never calls the pool (its lock and books cost as
-  // much as the cipher). Only with the library's secret memory, which no caller watches.
+  // The window of the last lease (up to a page), wiped, kept for the next one of that
+  // size: a rent+return then never calls the pool, whose lock and books cost as much as
+  // the cipher on small entries. Only with the library's secret memory, which no caller
+  // watches.
   struct window_block {
     std::byte* p = nullptr;
     std::size_t bytes = 0, alignment = 0;
@@ -108,6 +109,7 @@ struct shuffler::impl {
   // Opening or sealing a small CTR entry (about 45 ns for 64 bytes) costs less than
   // releasing the lock, taking it again and waking waiters; GCM's fixed cost is higher.
   static constexpr std::size_t small_entry_bytes = 256;
+  static constexpr std::size_t spare_window_bytes = 4096;
   bool work_under_lock(std::size_t bytes) const noexcept { return tag_bytes == 0 && bytes <= small_entry_bytes; }
   // A window for e (the spare if it fits), and its wiped return.
   std::byte* take_window(const entry& e);
