@@ -276,20 +276,50 @@ void check_arguments(const cipher& c, std::span<const std::byte> iv, std::size_t
 
 // What seal and open share: the checks, and the kinds whose work is the same both ways
 // (none does nothing, CTR is its own inverse). True when GCM work is left to do.
+// The checks every call makes before it touches anything.
 template <class Impl>
-bool symmetric_part(const Impl* impl, const cipher& c, std::span<const std::byte> iv, std::size_t aad_size,
-                    std::span<const std::byte> in, std::span<std::byte> out, std::size_t tag_size) {
+const Impl& usable(const Impl* impl, const cipher& c, std::span<const std::byte> iv, std::size_t aad_size,
+                   std::size_t tag_size) {
   if (impl == nullptr) throw std::logic_error("memshuffle::cipher: used after being moved from");
   // A child of fork() would reuse the parent's keystream: it gets no use of the key.
   if (detail::fork_epoch() != impl->epoch)
     throw fork_error("memshuffle::cipher: used in a child process made by fork(); a cipher "
                      "works only in the process that constructed it");
   check_arguments(c, iv, aad_size, tag_size);
+  return *impl;
+}
+
+template <class Impl>
+bool symmetric_part(const Impl* impl, const cipher& c, std::span<const std::byte> iv, std::size_t aad_size,
+                    std::span<const std::byte> in, std::span<std::byte> out, std::size_t tag_size) {
+  usable(impl, c, iv, aad_size, tag_size);
   check(in.size() == out.size(), "in and out differ in size");
   if (impl->kind == cipher_kind::aes_256_ctr) impl->ctr(iv, in, out);
   if (impl->kind == cipher_kind::none && !in.empty() && in.data() != out.data())
     std::memcpy(out.data(), in.data(), in.size());
   return impl->kind == cipher_kind::aes_256_gcm;
+}
+
+// Runs fn with a GCM encryption object: a pooled one, or the reserve when the pool has
+// none free and cannot make one (so sealing never needs memory).
+template <class Impl, class Fn>
+void with_encryptor(const Impl& impl, Fn&& fn) {
+  if (auto gcm = impl.gcm_enc.try_take(*impl.gcm_key); gcm.mode) {
+    fn(*gcm.mode);
+    return;
+  }
+  std::lock_guard lock(impl.gcm_reserve_mutex);
+  const struct wipe_after {
+    detail::secret_gcm<true>& gcm;
+    ~wipe_after() { gcm.wipe_call_state(); }
+  } reserve{*impl.gcm_reserve};
+  fn(reserve.gcm);
+}
+
+// The pieces of a message of n bytes that fit a scratch of `piece` bytes.
+template <class Fn>
+void for_each_piece(std::size_t n, std::size_t piece, Fn&& fn) {
+  for (std::size_t at = 0; at < n; at += piece) fn(at, std::min(piece, n - at));
 }
 
 }  // namespace
@@ -308,20 +338,10 @@ void cipher::seal(std::span<const std::byte> iv, std::span<const std::byte> aad,
                   std::span<std::byte> out, std::span<std::byte> tag) const {
   const detail::vector_register_guard clear;
   if (!symmetric_part(impl_.get(), *this, iv, aad.size(), in, out, tag.size())) return;
-  const auto encrypt = [&](detail::secret_gcm<true>& gcm) {
+  with_encryptor(*impl_, [&](detail::secret_gcm<true>& gcm) {
     gcm.EncryptAndAuthenticate(bytes(out), bytes(tag), tag.size(), bytes(iv), iv.size(),
                                bytes(aad), aad.size(), bytes(in), in.size());
-  };
-  if (auto gcm = impl_->gcm_enc.try_take(*impl_->gcm_key); gcm.mode) {
-    encrypt(*gcm.mode);
-    return;
-  }
-  std::lock_guard lock(impl_->gcm_reserve_mutex);
-  const struct wipe_after {
-    detail::secret_gcm<true>& gcm;
-    ~wipe_after() { gcm.wipe_call_state(); }
-  } reserve{*impl_->gcm_reserve};
-  encrypt(reserve.gcm);
+  });
 }
 
 void cipher::open(std::span<const std::byte> iv, std::span<const std::byte> aad, std::span<const std::byte> in,
@@ -345,6 +365,67 @@ void cipher::open(std::span<const std::byte> iv, std::span<const std::byte> aad,
     throw integrity_error("memshuffle::cipher: the GCM tag does not match (data, "
                           "associated data or nonce altered)");
   }
+}
+
+void cipher::reseal(const cipher& from, std::span<const std::byte> from_iv, std::span<const std::byte> to_iv,
+                    std::span<const std::byte> aad, std::span<std::byte> data, std::span<std::byte> tag,
+                    std::span<std::byte> scratch) const {
+  check(from.kind() == kind(), "reseal needs two ciphers of one kind");
+  if (data.size() <= scratch.size()) {  // one piece: an open into the scratch and a seal back
+    const struct wipe_after {
+      std::span<std::byte> s;
+      ~wipe_after() { secure_wipe(s.data(), s.size()); }
+    } plain{scratch.first(data.size())};
+    from.open(from_iv, aad, data, plain.s, tag);
+    seal(to_iv, aad, plain.s, data, tag);
+    return;
+  }
+  const std::size_t piece = scratch.size() & ~(block_size - 1);
+  check(piece != 0, "the scratch must hold a block");
+  const detail::vector_register_guard clear;
+  const impl& src = usable(from.impl_.get(), from, from_iv, aad.size(), tag.size());
+  const impl& dst = usable(impl_.get(), *this, to_iv, aad.size(), tag.size());
+  const struct wipe_after {
+    std::span<std::byte> s;
+    ~wipe_after() { secure_wipe(s.data(), s.size()); }
+  } plain{scratch.first(piece)};
+  byte* const p = bytes(data);
+  byte* const buf = bytes(plain.s);
+  if (kind() == cipher_kind::aes_256_ctr) {
+    alignas(16) byte from_counter[block_size], to_counter[block_size];
+    std::copy_n(bytes(from_iv), block_size, from_counter);
+    std::copy_n(bytes(to_iv), block_size, to_counter);
+    for_each_piece(data.size(), piece, [&](std::size_t at, std::size_t len) {
+      src.ctr(std::as_bytes(std::span(from_counter)), data.subspan(at, len), plain.s.first(len));
+      dst.ctr(std::as_bytes(std::span(to_counter)), plain.s.first(len), data.subspan(at, len));
+      add_to_counter(from_counter, len / block_size);
+      add_to_counter(to_counter, len / block_size);
+    });
+    secure_wipe(from_counter, block_size);
+    secure_wipe(to_counter, block_size);
+    return;
+  }
+  if (kind() != cipher_kind::aes_256_gcm) return;  // none: nothing to do
+  // GCM authenticates the message whole: one pass checks the old tag (decrypting into
+  // the scratch only), and only then a second re-encrypts, piece by piece.
+  auto dec = src.gcm_dec.take(*src.gcm_key);
+  const auto start = [&](CryptoPP::AuthenticatedSymmetricCipher& gcm, std::span<const std::byte> iv) {
+    gcm.Resynchronize(bytes(iv), static_cast<int>(iv.size()));
+    gcm.Update(bytes(aad), aad.size());
+  };
+  start(*dec.mode, from_iv);
+  for_each_piece(data.size(), piece, [&](std::size_t at, std::size_t len) { dec->ProcessData(buf, p + at, len); });
+  if (!dec->TruncatedVerify(bytes(tag), tag.size()))
+    throw integrity_error("memshuffle::cipher: the GCM tag does not match (data, associated data or nonce altered)");
+  with_encryptor(dst, [&](detail::secret_gcm<true>& enc) {
+    start(*dec.mode, from_iv);
+    start(enc, to_iv);
+    for_each_piece(data.size(), piece, [&](std::size_t at, std::size_t len) {
+      dec->ProcessData(buf, p + at, len);
+      enc.ProcessData(p + at, buf, len);
+    });
+    enc.TruncatedFinal(bytes(tag), tag.size());
+  });
 }
 
 }  // namespace memshuffle

@@ -81,10 +81,8 @@ std::uint32_t shuffler::impl::mark_batch(std::uint32_t cursor, std::vector<resea
   for (; cursor < table.slots() && batch.size() < rotation_batch_entries; ++cursor) {
     entry& e = table[cursor];
     if (e.st() != entry_state::at_rest || !e.written || e.key == to) continue;
-    // A CTR entry larger than a batch is re-encrypted a batch of it at a time; a GCM
-    // message only whole.
-    const std::size_t n = stored_bytes(e);
-    const std::size_t room = tag_bytes != 0 ? n : std::min(n, rotation_batch_bytes);
+    // An entry larger than a batch is re-encrypted a batch of it at a time.
+    const std::size_t room = std::min(stored_bytes(e), rotation_batch_bytes);
     if (used + room > scratch.bytes().size()) {
       if (!batch.empty()) break;
       if (room > scratch.bytes().size()) scratch.reset(room);
@@ -98,39 +96,21 @@ std::uint32_t shuffler::impl::mark_batch(std::uint32_t cursor, std::vector<resea
   return cursor;
 }
 
-// Decrypts from the arena into the scratch and encrypts from there back into the arena,
-// so the plaintext exists only in the scratch (secret memory), wiped at once.
+// The plaintext of an entry exists only in its part of the scratch (secret memory),
+// wiped at once; an entry larger than that part goes piece by piece (cipher::reseal).
 void shuffler::impl::reencrypt(reseal& r, const key_slot& k, std::span<std::byte> scratch) const noexcept {
-  std::byte* buf = scratch.data() + r.offset;
-  const std::size_t room = scratch.size() - r.offset;
-  if (r.size + tag_bytes > room) {  // CTR, larger than a batch: piece by piece
-    const std::size_t piece = room & ~std::size_t{15};
-    try {
-      for (std::size_t at = 0; at < r.size; at += piece) {
-        const std::size_t len = std::min(piece, r.size - at);
-        r.from->c.open(detail::counter_block(*r.from, r.from_seq, at / 16), {}, {r.data + at, len}, {buf, len}, {});
-        k.c.seal(detail::counter_block(k, r.to_seq, at / 16), {}, {buf, len}, {r.data + at, len}, {});
-      }
-      r.result = outcome::done;
-    } catch (...) {
-      r.result = outcome::no_memory;  // CTR does not allocate: never seen
-    }
-    secure_wipe(buf, piece);
-    return;
-  }
   const auto aad = detail::be64(static_cast<std::uint64_t>(r.h));
-  const std::span<std::byte> entry{r.data, r.size}, plain{buf, r.size}, tag{r.data + r.size, tag_bytes};
-  r.result = outcome::done;
+  const auto room = scratch.subspan(r.offset, std::min(r.size + tag_bytes, scratch.size() - r.offset));
   try {
-    r.from->c.open(detail::iv_for(*r.from, detail::counter_block(*r.from, r.from_seq)), aad_span(aad), entry, plain,
-                   tag);
-    k.c.seal(detail::iv_for(k, detail::counter_block(k, r.to_seq)), aad_span(aad), plain, entry, tag);
+    k.c.reseal(r.from->c, detail::iv_for(*r.from, detail::counter_block(*r.from, r.from_seq)),
+               detail::iv_for(k, detail::counter_block(k, r.to_seq)), aad_span(aad), {r.data, r.size},
+               {r.data + r.size, tag_bytes}, room);
+    r.result = outcome::done;
   } catch (const integrity_error&) {
     r.result = outcome::altered;  // left as it is, under its old key
   } catch (...) {
     r.result = outcome::no_memory;  // the cipher's own allocation failed; the entry untouched
   }
-  secure_wipe(buf, r.size);
 }
 
 }  // namespace memshuffle

@@ -251,6 +251,58 @@ TEST_CASE("a GCM open into another range that fails its tag leaves zeros there a
   CHECK(sealed == m.data);
 }
 
+TEST_CASE("reseal re-encrypts under the new key through a scratch smaller than the message, and wipes it") {
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 rng(seed);
+  for (auto kind : encrypting_ciphers) {
+    CAPTURE(static_cast<int>(kind));
+    const bool gcm = kind == cipher_kind::aes_256_gcm;
+    const cipher from(kind, random_bytes(rng, 32)), to(kind, random_bytes(rng, 32));
+    for (std::size_t n : {0, 5, 64, 1000, 4099}) {
+      for (std::size_t scratch_size : {16, 100, 4096, 8192}) {
+        CAPTURE(n);
+        CAPTURE(scratch_size);
+        const bytes from_iv = random_bytes(rng, gcm ? 12 : 16), to_iv = random_bytes(rng, gcm ? 12 : 16);
+        const bytes aad = gcm ? random_bytes(rng, 8) : bytes{}, plaintext = random_bytes(rng, n);
+        bytes data = plaintext, tag(from.tag_size());
+        from.seal(from_iv, aad, data, tag);
+        bytes expected = plaintext, expected_tag(to.tag_size());
+        to.seal(to_iv, aad, expected, expected_tag);
+        bytes scratch(scratch_size, std::byte{0x5A});
+        to.reseal(from, from_iv, to_iv, aad, data, tag, scratch);
+        CHECK(data == expected);
+        CHECK(tag == expected_tag);
+        // The part that held plaintext is wiped; the rest was never touched.
+        const std::size_t used = n <= scratch_size ? n : scratch_size / 16 * 16;
+        bytes after(scratch_size, std::byte{0x5A});
+        std::fill_n(after.begin(), used, std::byte{0});
+        CHECK(scratch == after);
+      }
+    }
+  }
+}
+
+TEST_CASE("a reseal whose old GCM tag does not match throws and leaves data, tag and scratch alone") {
+  const cipher from(cipher_kind::aes_256_gcm, hex(spec_key)), to(cipher_kind::aes_256_gcm, bytes(32, std::byte{3}));
+  for (std::size_t scratch_size : {32, 4096}) {  // piece by piece, and whole
+    CAPTURE(scratch_size);
+    gcm_message m;
+    from.seal(m.iv, m.aad, m.data, m.tag);
+    m.tag[3] ^= std::byte{1};
+    const gcm_message altered = m;
+    bytes scratch(scratch_size);
+    CHECK_THROWS_AS(to.reseal(from, m.iv, m.iv, m.aad, m.data, m.tag, scratch), memshuffle::integrity_error);
+    CHECK(m.data == altered.data);
+    CHECK(m.tag == altered.tag);
+    CHECK(scratch == bytes(scratch_size));
+  }
+  const cipher ctr(cipher_kind::aes_256_ctr, bytes(32));
+  bytes data(64), scratch(8), no_tag;
+  CHECK_THROWS_AS(ctr.reseal(from, bytes(16), bytes(16), {}, data, no_tag, scratch), std::invalid_argument);
+  CHECK_THROWS_AS(ctr.reseal(ctr, bytes(16), bytes(16), {}, data, no_tag, scratch), std::invalid_argument);
+  CHECK(data == bytes(64));
+}
+
 TEST_CASE("a key that is not 32 bytes is rejected for every cipher kind") {
   for (auto kind : all_ciphers) {
     CAPTURE(static_cast<int>(kind));

@@ -103,6 +103,24 @@ class cipher {
   void open(std::span<const std::byte> iv, std::span<const std::byte> aad, std::span<const std::byte> in,
             std::span<std::byte> out, std::span<const std::byte> tag) const;
 
+  /// \effects Re-encrypts `data` in place from `from`'s key to this cipher's: opens it
+  ///          under `from` with `from_iv`, `aad` and the tag in `tag`, and seals it
+  ///          under this cipher with `to_iv` and `aad`, writing the new tag into `tag`.
+  ///          The plaintext passes only through `scratch`, at most scratch.size()
+  ///          bytes of it at a time, and the scratch is wiped before returning: a
+  ///          message larger than the scratch goes piece by piece (GCM first checks
+  ///          the old tag over the whole message, in a pass that decrypts into the
+  ///          scratch only, and only then re-encrypts).
+  /// \throws memshuffle::integrity_error (GCM) when the old tag does not match: data
+  ///         and tag then unchanged; std::invalid_argument when the two ciphers differ
+  ///         in kind, a message larger than the scratch meets a scratch of less than
+  ///         one 16-byte block, or the arguments do not fit the kind (as seal()):
+  ///         data then unchanged; std::bad_alloc when a GCM object cannot be made:
+  ///         data unchanged; otherwise as seal().
+  void reseal(const cipher& from, std::span<const std::byte> from_iv, std::span<const std::byte> to_iv,
+              std::span<const std::byte> aad, std::span<std::byte> data, std::span<std::byte> tag,
+              std::span<std::byte> scratch) const;
+
  private:
   struct impl;
   std::unique_ptr<impl> impl_;
