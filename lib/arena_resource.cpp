@@ -45,6 +45,8 @@ const arena_options& checked(const arena_options& o) {
     throw std::invalid_argument("arena_resource: growth_factor must be finite and >= 1");
   if (o.max_chunk_size < o.initial_size)
     throw std::invalid_argument("arena_resource: max_chunk_size is smaller than initial_size");
+  if (o.retention_window > arena_options::max_retention_window)
+    throw std::invalid_argument("arena_resource: retention_window is above max_retention_window");
   return o;
 }
 
@@ -159,6 +161,8 @@ void arena_resource::release() noexcept {
   enter(nullptr, 0);
   next_chunk_size_ = first_chunk_size_;
   used_ = allocations_ = 0;
+  units_ = 0;
+  retention_limit_ = std::numeric_limits<std::size_t>::max();
   ++epoch_;
   history_.clear();
 }
@@ -166,8 +170,8 @@ void arena_resource::release() noexcept {
 void arena_resource::reset() noexcept {
   note_peak();
   if (options_.wipe) wipe_from(nullptr, buffer_);
-  if (options_.reset_retention != std::numeric_limits<std::size_t>::max())
-    retain(options_.reset_retention);
+  retention_limit_ = retention_limit();
+  if (retention_limit_ != std::numeric_limits<std::size_t>::max()) retain(retention_limit_);
   enter(nullptr, 0);
   used_ = allocations_ = 0;
   ++epoch_;
@@ -202,6 +206,20 @@ void arena_resource::retain(std::size_t cap) noexcept {
           ? first_chunk_size_
           : grown(std::max(first_chunk_size_, kept->block_size() - sizeof(chunk)),
                   options_.growth_factor, options_.max_chunk_size);
+}
+
+// The smaller of the fixed cap and the window's largest need, plus a quarter for the
+// tails of chunks a like unit passes over; this unit's need (the chunk bytes it went
+// through: its logical position past the caller's buffer) enters the window first.
+std::size_t arena_resource::retention_limit() noexcept {
+  const std::size_t window = options_.retention_window;
+  if (window == 0) return options_.reset_retention;
+  const std::size_t need =
+      current_ == nullptr ? 0 : static_cast<std::size_t>(base_ - buffer_size_) + static_cast<std::size_t>(cur_ - begin_);
+  recent_needs_[units_++ % window] = need;
+  const std::size_t most = *std::max_element(recent_needs_, recent_needs_ + std::min(units_, window));
+  const std::size_t slack = std::min(most / 4, std::numeric_limits<std::size_t>::max() - most);
+  return std::min(options_.reset_retention, most + slack);
 }
 
 void arena_resource::trim() noexcept {
@@ -321,8 +339,8 @@ arena_stats arena_resource::stats() const noexcept {
                      .chunks = chunks_,
                      .allocations = allocations_,
                      .peak_bytes_used = std::max(peak_, used_),
-                     .upstream_allocations = upstream_allocations_};
+                     .upstream_allocations = upstream_allocations_,
+                     .retention_limit = retention_limit_};
 }
-
 
 }  // namespace memshuffle

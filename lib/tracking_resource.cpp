@@ -1,9 +1,10 @@
 // tracking_resource: the books are sharded. Each thread records its allocations in its
-// own shard (a table and a lock of its own, on cache lines of their own), so threads
-// sharing a resource do not wait for each other; what must be exact across threads
-// (the sequence, the current use and its peaks) is kept in one small struct under a
-// lock of its own, held for a few additions (one atomic exchange; counters as atomics
-// took three or more read-modify-writes per call and were slower, alone and shared).
+// own shard (a table, a lock and its current use, on cache lines of their own), so
+// threads sharing a resource do not wait for each other. What must be exact across
+// threads: the sequence is one atomic counter, taken once per allocation (a plain
+// increment while the process has one thread); the peaks are kept exact by allowances
+// (lib/shared_peak.hpp), so a shard touches the shared peaks only when it grows past
+// its allowance, and a deallocation touches nothing shared.
 #include <memshuffle/error.hpp>
 #include <memshuffle/secure_wipe.hpp>
 #include <memshuffle/tracking_resource.hpp>
@@ -23,6 +24,7 @@
 #include "call_stack.hpp"
 #include "live_table.hpp"
 #include "poison.hpp"
+#include "shared_peak.hpp"
 #include "spin_lock.hpp"
 
 namespace memshuffle {
@@ -61,6 +63,8 @@ struct tracking_resource::state {
   struct alignas(64) shard {
     spin_lock lock;
     detail::live_table live;
+    // Of the blocks in this shard's table; `allowed` changes under peaks.lock too.
+    detail::shard_usage bytes, allocations;
     std::size_t total_bytes = 0, total_deallocations = 0;
     // The most recently freed pointers, only to tell a double free from a stray pointer.
     std::array<const void*, 256> recently_freed{};
@@ -69,17 +73,16 @@ struct tracking_resource::state {
   };
   static constexpr std::size_t shard_count = 8;
 
-  // Exact across threads: the sequence (= total allocations), the current use, the peaks.
   // Read by every call, written almost never: a cache line of their own.
   alignas(64) std::atomic<long> fail_countdown{-1};  // -1: never
   bool locking = true, lock_upstream = false;
-  // Updated together by every call: one line, so two threads pass one line back and forth.
-  struct alignas(64) global_counts {
+  // = total allocations; incremented under the allocating shard's lock.
+  alignas(64) std::atomic<std::uint64_t> sequence{0};
+  // Taken before any shard lock by whoever locks more than one shard.
+  struct alignas(64) peak_books {
     spin_lock lock;
-    std::size_t sequence = 0;  // = total allocations
-    std::size_t current_bytes = 0, current_allocations = 0;
-    std::size_t peak_bytes = 0, peak_allocations = 0;
-  } counts;
+    detail::shared_peak bytes, allocations;
+  } peaks;
   alignas(64) std::atomic<std::size_t> injected{0};
   spin_lock upstream_lock;
   // Cold: bad deallocations and quarantine.
@@ -93,20 +96,46 @@ struct tracking_resource::state {
   shard& mine() noexcept { return locking ? shards[this_thread_shard() % shard_count] : shards[0]; }
   lock_if lock(shard& s) noexcept { return lock_if(s.lock, locking); }
 
-  // Locks every shard in order, for a consistent view.
+  std::uint64_t next_sequence() noexcept {
+    // Alone, a plain increment: no other thread can see it half done.
+    if (!locking || detail::process_single_threaded()) {
+      const auto n = sequence.load(std::memory_order_relaxed) + 1;
+      sequence.store(n, std::memory_order_relaxed);
+      return n;
+    }
+    return sequence.fetch_add(1, std::memory_order_relaxed) + 1;
+  }
+
+  // Locks the peaks, then every shard in order, for a consistent view.
   struct all_locked {
     state& st;
     explicit all_locked(state& s) noexcept : st(s) {
-      if (st.locking)
-        for (auto& sh : st.shards) sh.lock.lock();
+      if (!st.locking) return;
+      st.peaks.lock.lock();
+      for (auto& sh : st.shards) sh.lock.lock();
     }
     all_locked(const all_locked&) = delete;
     all_locked& operator=(const all_locked&) = delete;
     ~all_locked() {
-      if (st.locking)
-        for (auto& sh : st.shards) sh.lock.unlock();
+      if (!st.locking) return;
+      for (auto& sh : st.shards) sh.lock.unlock();
+      st.peaks.lock.unlock();
     }
   };
+
+  // Counts an allocation of `bytes` in s (locked by the caller, and locked on return).
+  // \throws std::bad_alloc when s's table cannot grow; then nothing has changed.
+  void count(shard& s, std::size_t bytes) {
+    if (!s.bytes.fits(bytes) || !s.allocations.fits(1)) [[unlikely]]
+      return count_past_allowance(s, bytes);
+    add(s, bytes);
+  }
+  static void add(shard& s, std::size_t bytes) noexcept {
+    s.bytes.current += bytes;
+    ++s.allocations.current;
+  }
+  void count_past_allowance(shard& s, std::size_t bytes);
+  void count_at_peak(shard& s, std::size_t bytes) noexcept;
 
   // Out of line: the call stack is large, and zeroing it would cost every allocation.
   // A stack that cannot be stored is lost; the allocation is still tracked.
@@ -185,6 +214,8 @@ struct tracking_resource::state {
     if (!s.stacks.empty()) [[unlikely]]
       s.stacks.erase(p);
     ++s.total_deallocations;
+    s.bytes.current -= bytes;
+    --s.allocations.current;
     s.recently_freed[s.recently_freed_next++ % s.recently_freed.size()] = p;
     return taken::erased;
   }
@@ -201,6 +232,39 @@ tracking_resource::state::taken tracking_resource::state::take_elsewhere(
     if (const taken t = take_from(s, p, bytes, alignment, found); t != taken::none) return t;
   }
   return taken::none;
+}
+
+// Past its allowance: the peaks' lock comes before any shard's, so s is let go and taken
+// again (its table may have filled meanwhile).
+void tracking_resource::state::count_past_allowance(shard& s, std::size_t bytes) {
+  if (locking) s.lock.unlock();
+  lock_if peaks_lock(peaks.lock, locking);
+  if (locking) s.lock.lock();
+  if (!s.live.has_room()) s.live.grow();  // may throw; nothing has changed yet
+  // Both asked (no short circuit): what one grants stays allotted either way.
+  if (peaks.bytes.grant(s.bytes, bytes) & peaks.allocations.grant(s.allocations, 1))
+    return add(s, bytes);
+  count_at_peak(s, bytes);
+}
+
+// The spare is short: the other shards give back what they do not use, and stay locked
+// until the new block is counted, so a raised peak is the exact sum of the current uses.
+void tracking_resource::state::count_at_peak(shard& s, std::size_t bytes) noexcept {
+  std::array<bool, shard_count> held{};
+  for (std::size_t i = 0; i < shard_count; ++i) {
+    shard& o = shards[i];
+    // No allowance: nothing in use, and none to take back (allowances change under peaks.lock).
+    if (&o == &s || (o.bytes.allowed == 0 && o.allocations.allowed == 0)) continue;
+    if (locking) o.lock.lock();
+    held[i] = true;
+    peaks.bytes.reclaim(o.bytes);
+    peaks.allocations.reclaim(o.allocations);
+  }
+  if (!peaks.bytes.grant(s.bytes, bytes)) peaks.bytes.raise(s.bytes, bytes);
+  if (!peaks.allocations.grant(s.allocations, 1)) peaks.allocations.raise(s.allocations, 1);
+  add(s, bytes);
+  for (std::size_t i = 0; i < shard_count; ++i)
+    if (held[i] && locking) shards[i].lock.unlock();
 }
 
 const char* to_string(bad_deallocation_kind kind) noexcept {
@@ -239,16 +303,14 @@ void* tracking_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
     lock_if upstream_lock(st.upstream_lock, st.lock_upstream);
     p = upstream_->allocate(bytes == 0 ? 1 : bytes, alignment);
   }
-  std::size_t sequence;
-  {
-    auto& c = st.counts;
-    lock_if counts_lock(c.lock, st.locking);
-    sequence = ++c.sequence;
-    c.current_bytes += bytes;
-    ++c.current_allocations;
-    c.peak_bytes = std::max(c.peak_bytes, c.current_bytes);
-    c.peak_allocations = std::max(c.peak_allocations, c.current_allocations);
+  try {
+    st.count(s, bytes);
+  } catch (...) {
+    lock_if upstream_lock(st.upstream_lock, st.lock_upstream);
+    upstream_->deallocate(p, bytes == 0 ? 1 : bytes, alignment);
+    throw;
   }
+  const std::uint64_t sequence = st.next_sequence();
   s.live.insert({p, bytes, alignment, sequence});
   if (options_.capture_stacks) [[unlikely]]
     state::keep_stack(s, p);
@@ -269,11 +331,6 @@ void tracking_resource::do_deallocate(void* p, std::size_t bytes, std::size_t al
     st.record_bad(p, bytes, alignment,
                   t == state::taken::mismatch ? std::optional(found) : std::nullopt);
     return;
-  }
-  {
-    lock_if counts_lock(st.counts.lock, st.locking);
-    st.counts.current_bytes -= bytes;
-    --st.counts.current_allocations;
   }
 
   const std::size_t upstream_bytes = bytes == 0 ? 1 : bytes;
@@ -296,15 +353,12 @@ tracking_stats tracking_resource::stats() const {
   for (auto& s : st.shards) {
     out.total_bytes += s.total_bytes;
     out.total_deallocations += s.total_deallocations;
+    out.current_bytes += s.bytes.current;
+    out.current_allocations += s.allocations.current;
   }
-  {
-    lock_if counts_lock(st.counts.lock, st.locking);
-    out.total_allocations = st.counts.sequence;
-    out.current_bytes = st.counts.current_bytes;
-    out.current_allocations = st.counts.current_allocations;
-    out.peak_bytes = st.counts.peak_bytes;
-    out.peak_allocations = st.counts.peak_allocations;
-  }
+  out.total_allocations = st.sequence.load(std::memory_order_relaxed);
+  out.peak_bytes = st.peaks.bytes.peak();
+  out.peak_allocations = st.peaks.allocations.peak();
   out.injected_failures = st.injected.load();
   lock_if cold(st.cold_lock, st.locking);
   out.bad_deallocations = st.bad_count;
@@ -314,8 +368,9 @@ tracking_stats tracking_resource::stats() const {
 }
 
 bool tracking_resource::has_leaks() const {
-  lock_if counts_lock(state_->counts.lock, state_->locking);
-  return state_->counts.current_allocations != 0;
+  state::all_locked all(*state_);
+  return std::any_of(state_->shards.begin(), state_->shards.end(),
+                     [](const state::shard& s) { return s.allocations.current != 0; });
 }
 
 bool tracking_resource::has_bad_deallocations() const {
@@ -433,10 +488,9 @@ void tracking_resource::release_leaks() {
       s.live.for_each([&](const allocation_record& r) { blocks.push_back(r); });
       s.live.clear();
       s.stacks.clear();
+      s.bytes.current = 0;
+      s.allocations.current = 0;
     }
-    lock_if counts_lock(state_->counts.lock, state_->locking);
-    state_->counts.current_allocations = 0;
-    state_->counts.current_bytes = 0;
   }
   lock_if upstream_lock(state_->upstream_lock, state_->lock_upstream);
   for (auto& r : blocks) upstream_->deallocate(r.pointer, r.bytes == 0 ? 1 : r.bytes, r.alignment);

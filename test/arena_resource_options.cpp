@@ -1,5 +1,6 @@
 // The arena's extensions beyond monotonic_buffer_resource, each off by default:
-// reuse of the last block, wiping what was handed out, and a retention cap for reset().
+// reuse of the last block, wiping what was handed out, and a retention cap and a
+// retention policy from recent units for reset().
 #include <memshuffle/arena_resource.hpp>
 
 #include <doctest/doctest.h>
@@ -10,6 +11,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
+#include <limits>
+#include <stdexcept>
 #include <random>
 #include <span>
 #include <vector>
@@ -136,6 +139,73 @@ TEST_CASE("a retention cap bounds what a reset arena holds over heavy-tailed uni
     REQUIRE(arena.stats().bytes_reserved <= cap);
   }
   CHECK(up.outstanding_bytes() <= cap);
+}
+
+// A unit of work: `count` blocks of `size` bytes, then a reset.
+void run_unit(arena_resource& arena, int count, std::size_t size) {
+  for (int i = 0; i < count; ++i) (void)arena.allocate(size, 8);
+  arena.reset();
+}
+
+TEST_CASE("with a retention window, a burst's chunks go back once the burst has left the window") {
+  recording_resource up;
+  arena_resource arena(arena_options{.initial_size = 512, .retention_window = 4}, &up);
+  run_unit(arena, 400, 100);  // about 40 KiB
+  const auto after_burst = arena.stats().bytes_reserved;
+  CHECK(after_burst > 32 * 1024);
+  CHECK(after_burst <= arena.stats().retention_limit);
+  for (int unit = 0; unit < 3; ++unit) {
+    run_unit(arena, 10, 100);  // 1000 bytes
+    CHECK(arena.stats().bytes_reserved == after_burst);  // the burst is still in the window
+  }
+  run_unit(arena, 10, 100);
+  const auto st = arena.stats();
+  CHECK(st.retention_limit < 4 * 1024);
+  CHECK(st.bytes_reserved <= st.retention_limit);
+  CHECK(up.outstanding_bytes() == st.bytes_reserved);
+}
+
+TEST_CASE("with a retention window, like units stop calling the upstream") {
+  recording_resource up;
+  arena_resource arena(arena_options{.initial_size = 256, .retention_window = 8}, &up);
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::mt19937_64 rng(seed);
+  std::vector<std::size_t> sizes(300);
+  for (auto& n : sizes) n = 8 + rng() % 249;
+  const auto unit = [&] {
+    for (std::size_t n : sizes) (void)arena.allocate(n, 8);
+    arena.reset();
+  };
+  unit();
+  unit();
+  const auto calls = up.allocations();
+  for (int i = 0; i < 20; ++i) unit();
+  CHECK(up.allocations() == calls);
+}
+
+TEST_CASE("a retention window and a cap: the smaller limit holds") {
+  recording_resource up;
+  const std::size_t cap = 8192;
+  arena_resource arena(arena_options{.initial_size = 512, .reset_retention = cap, .retention_window = 2}, &up);
+  run_unit(arena, 400, 100);
+  CHECK(arena.stats().retention_limit == cap);
+  CHECK(arena.stats().bytes_reserved <= cap);
+  run_unit(arena, 5, 100);
+  run_unit(arena, 5, 100);
+  CHECK(arena.stats().retention_limit < cap);
+  CHECK(arena.stats().bytes_reserved <= arena.stats().retention_limit);
+}
+
+TEST_CASE("a retention window above the maximum is refused, and release forgets the window") {
+  recording_resource up;
+  CHECK_THROWS_AS(arena_resource(arena_options{.retention_window = arena_options::max_retention_window + 1}, &up),
+                  std::invalid_argument);
+  arena_resource arena(arena_options{.retention_window = arena_options::max_retention_window}, &up);
+  CHECK(arena.stats().retention_limit == std::numeric_limits<std::size_t>::max());
+  run_unit(arena, 100, 100);
+  CHECK(arena.stats().retention_limit < std::numeric_limits<std::size_t>::max());
+  arena.release();
+  CHECK(arena.stats().retention_limit == std::numeric_limits<std::size_t>::max());
 }
 
 TEST_CASE("without a retention cap, reset keeps everything") {

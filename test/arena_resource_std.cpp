@@ -12,17 +12,21 @@
 #include <boost/container/pmr/monotonic_buffer_resource.hpp>
 #include <boost/container/pmr/vector.hpp>
 
+#include "test/support/monotonic_trace.hpp"
 #include "test/support/page_aligned_resource.hpp"
 #include "test/support/recording_resource.hpp"
 #include "test/support/seed.hpp"
 
 #include <algorithm>
+#include <array>
+#include <cstdio>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <memory_resource>
 #include <new>
+#include <sstream>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -118,9 +122,97 @@ struct script_runner {
   }
 };
 
+// The traces of the script in test/support/monotonic_trace.hpp.
+using memshuffle::testing::trace_config;
+
+template <class Resource>
+std::string trace_of(const trace_config& c) {
+  memshuffle::testing::monotonic_tracer tracer;
+  return tracer.run(c, [](void* buffer, std::size_t size, std::size_t initial, std::pmr::memory_resource* up) {
+    return buffer ? std::make_unique<Resource>(buffer, size, up) : std::make_unique<Resource>(initial, up);
+  });
+}
+
+std::vector<trace_config> trace_configs(std::uint64_t seed) {
+  std::vector<trace_config> out;
+  for (std::size_t initial : {std::size_t{1}, std::size_t{256}, std::size_t{4000}}) out.push_back({seed, 0, initial});
+  out.push_back({seed, 1000, 0});
+  return out;
+}
+
+// The program built against libc++ (test/meson.build), when there is one.
+#ifdef MEMSHUFFLE_LIBCXX_TRACE
+constexpr const char* libcxx_trace_program = MEMSHUFFLE_LIBCXX_TRACE;
+#else
+constexpr const char* libcxx_trace_program = nullptr;
+#endif
+
+std::string libcxx_trace_of(const trace_config& c) {
+  const std::string command = std::string(libcxx_trace_program) + ' ' + std::to_string(c.seed) + ' ' +
+                              std::to_string(c.buffer_size) + ' ' + std::to_string(c.initial);
+  std::string out;
+  FILE* f = popen(command.c_str(), "r");
+  REQUIRE(f != nullptr);
+  std::array<char, 4096> chunk;
+  for (std::size_t n; (n = std::fread(chunk.data(), 1, chunk.size(), f)) > 0;) out.append(chunk.data(), n);
+  REQUIRE(pclose(f) == 0);
+  return out;
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
+
+// A line without what depends on chunk sizes: whether the upstream was asked (and so
+// could refuse) at that step.
+std::string without_refusal(std::string line) {
+  const std::string refusal = ", after the upstream's bad_alloc";
+  if (const auto at = line.find(refusal); at != std::string::npos) line.erase(at, refusal.size());
+  return line;
+}
+
+// libc++ hands out a zero-byte block at its current position without moving it, so the
+// next block may start there: the one behaviour in which the two libraries differ.
+bool zero_byte_reuse(const std::string& libcxx_line) {
+  return libcxx_line.starts_with("allocate 0 at ") && libcxx_line.find("REUSED") != std::string::npos;
+}
+
 }  // namespace
 
 TEST_SUITE("arena_resource") {
+
+TEST_CASE("the script's trace of arena_resource is that of libstdc++'s monotonic_buffer_resource") {
+  MEMSHUFFLE_TEST_SEED(seed);
+  std::size_t refusals = 0;
+  for (const auto& c : trace_configs(seed)) {
+    CAPTURE(c.initial);
+    CAPTURE(c.buffer_size);
+    const auto ours = trace_of<arena_resource>(c);
+    for (const auto& line : lines_of(ours)) refusals += line.find("after the upstream's bad_alloc") != std::string::npos;
+    CHECK(ours == trace_of<mono>(c));
+  }
+  CHECK(refusals > 0);  // the script met the upstream's failures
+}
+
+TEST_CASE("the script's trace of arena_resource is that of libc++'s monotonic_buffer_resource but for zero-byte blocks" *
+          doctest::skip(libcxx_trace_program == nullptr)) {
+  MEMSHUFFLE_TEST_SEED(seed);
+  for (const auto& c : trace_configs(seed)) {
+    CAPTURE(c.initial);
+    CAPTURE(c.buffer_size);
+    const auto ours = lines_of(trace_of<arena_resource>(c));
+    const auto theirs = lines_of(libcxx_trace_of(c));
+    REQUIRE(ours.size() == theirs.size());
+    for (std::size_t i = 0; i < ours.size(); ++i) {
+      CAPTURE(i);
+      CAPTURE(theirs[i]);
+      if (without_refusal(ours[i]) != without_refusal(theirs[i])) CHECK(zero_byte_reuse(theirs[i]));
+    }
+  }
+}
 
 TEST_CASE("side by side with monotonic_buffer_resource a caller sees the same addresses, upstream calls, exceptions and release state") {
   MEMSHUFFLE_TEST_SEED(seed);

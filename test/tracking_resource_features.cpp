@@ -145,4 +145,58 @@ TEST_CASE("across threads the sequence numbers are unique, the peak exact, and a
   CHECK(st.peak_bytes == threads * blocks * 16);
 }
 
+// Threads wait for each other at every step, so what is live at once is known.
+class step_barrier {
+ public:
+  explicit step_barrier(int threads) : threads_(threads) {}
+  void arrive_and_wait() {
+    const int gen = generation_.load();
+    if (++arrived_ == threads_) {
+      arrived_ = 0;
+      ++generation_;
+    } else {
+      while (generation_.load() == gen) std::this_thread::yield();
+    }
+  }
+
+ private:
+  const int threads_;
+  std::atomic<int> arrived_{0}, generation_{0};
+};
+
+TEST_CASE("across threads the peak is the highest sum live at once, not the sum of each thread's highest") {
+  tracking_resource t(std::pmr::new_delete_resource());
+  constexpr int threads = 4;
+  constexpr std::size_t rounds[] = {3, 7, 2, 5};  // the second is the highest
+  step_barrier barrier(threads);
+  std::vector<std::thread> pool;
+  for (int k = 0; k < threads; ++k)
+    pool.emplace_back([&, k] {
+      for (std::size_t r : rounds) {
+        std::vector<void*> mine;
+        for (std::size_t i = 0; i < r * static_cast<std::size_t>(k + 1); ++i) mine.push_back(t.allocate(8 * r, 8));
+        barrier.arrive_and_wait();  // all live here
+        for (void* p : mine) t.deallocate(p, 8 * r, 8);
+        barrier.arrive_and_wait();
+      }
+      // Each in turn alone, 50 blocks (3000 bytes): below the peak, though the four
+      // together (200 blocks) would be far above it.
+      for (int turn = 0; turn < threads; ++turn) {
+        if (turn == k) {
+          std::vector<void*> mine;
+          for (int i = 0; i < 50; ++i) mine.push_back(t.allocate(60, 4));
+          for (void* p : mine) t.deallocate(p, 60, 4);
+        }
+        barrier.arrive_and_wait();
+      }
+    });
+  for (auto& th : pool) th.join();
+  const auto st = t.stats();
+  constexpr std::size_t blocks_at_peak = 7 * (1 + 2 + 3 + 4);
+  CHECK(st.peak_allocations == blocks_at_peak);
+  CHECK(st.peak_bytes == blocks_at_peak * 8 * 7);
+  CHECK(st.current_allocations == 0);
+  CHECK(st.total_allocations == (3 + 7 + 2 + 5) * 10 + 50 * threads);
+}
+
 }  // TEST_SUITE

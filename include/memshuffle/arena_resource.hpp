@@ -41,6 +41,14 @@ struct arena_options {
   /// reset() keeps at most this many bytes of chunks (the largest that fit, in their
   /// order) and gives the rest back upstream; growth restarts from the largest kept.
   std::size_t reset_retention = std::numeric_limits<std::size_t>::max();
+  /// Besides the cap, a policy from recent units (a unit: what is allocated between two
+  /// resets): reset() keeps at most 1.25 times what the most demanding of the last
+  /// `retention_window` units needed, this one included (its need: the chunk bytes it
+  /// went through, from its first byte to its position at the reset). After a burst of
+  /// large units the arena gives their chunks back once they have left the window.
+  /// 0: off; at most max_retention_window.
+  std::size_t retention_window = 0;
+  static constexpr std::size_t max_retention_window = 32;  ///< the largest retention_window
 };
 
 /// The usage figures of an arena_resource, from stats().
@@ -51,6 +59,10 @@ struct arena_stats {
   std::size_t allocations = 0;      ///< allocations counted in bytes_used
   std::size_t peak_bytes_used = 0;  ///< highest bytes_used since construction
   std::size_t upstream_allocations = 0;  ///< calls to the upstream's allocate since construction
+  /// The most the last reset() could keep: the smaller of reset_retention and, with a
+  /// retention_window, 1.25 times the need of the window's most demanding unit;
+  /// SIZE_MAX before any reset and without either.
+  std::size_t retention_limit = std::numeric_limits<std::size_t>::max();
 };
 
 class arena_resource;
@@ -116,7 +128,8 @@ class arena_resource : public std::pmr::memory_resource {
   /// Wipes first with options().wipe.
   void release() noexcept;
   /// \effects Rewinds to empty and keeps the chunks for reuse, at most
-  /// options().reset_retention bytes of them. Wipes first with options().wipe.
+  /// options().reset_retention bytes of them and, with options().retention_window, at
+  /// most what the window's most demanding unit needed. Wipes first with options().wipe.
   void reset() noexcept;
   /// \effects Gives back the chunks that hold nothing after a reset() or rewind().
   void trim() noexcept;
@@ -183,6 +196,7 @@ class arena_resource : public std::pmr::memory_resource {
   void pop(void* p, std::size_t bytes) noexcept;
   void wipe_from(const void* chunk, std::byte* position) noexcept;
   void retain(std::size_t cap) noexcept;
+  std::size_t retention_limit() noexcept;
   bool try_rewind(const arena_marker& m) noexcept;
   void enter(chunk* c, std::uint64_t base) noexcept;
   void free_chunks(chunk* first) noexcept;
@@ -217,6 +231,10 @@ class arena_resource : public std::pmr::memory_resource {
   std::size_t chunks_ = 0;
   std::size_t peak_ = 0;
   std::size_t upstream_allocations_ = 0;
+  std::size_t retention_limit_ = std::numeric_limits<std::size_t>::max();  // of the last reset()
+  // The needs of the last units, a ring written by reset() with a retention_window.
+  std::size_t recent_needs_[arena_options::max_retention_window] = {};
+  std::size_t units_ = 0;
   std::uint64_t epoch_ = 0;  // bumped by reset() and release(): older markers are stale
   std::uint64_t base_ = 0;   // logical offset of begin_: the buffer at 0, chunks after it
   mutable detail::marker_history history_;  // mark() counts marks, hence mutable
