@@ -242,8 +242,9 @@ void tracking_resource::state::count_past_allowance(shard& s, std::size_t bytes)
   if (locking) s.lock.lock();
   if (!s.live.has_room()) s.live.grow();  // may throw; nothing has changed yet
   // Both asked (no short circuit): what one grants stays allotted either way.
-  if (peaks.bytes.grant(s.bytes, bytes) & peaks.allocations.grant(s.allocations, 1))
-    return add(s, bytes);
+  const bool bytes_granted = peaks.bytes.grant(s.bytes, bytes);
+  const bool count_granted = peaks.allocations.grant(s.allocations, 1);
+  if (bytes_granted && count_granted) return add(s, bytes);
   count_at_peak(s, bytes);
 }
 
