@@ -162,39 +162,35 @@ void shuffler::impl::compact() {
 void shuffler::impl::shuffle(std::size_t budget) {
   const auto t0 = std::chrono::steady_clock::now();
   const bool starting = !pass.active;
-  std::vector<std::uint32_t> order;
-  std::uint64_t serial = pass.serial;
-  std::size_t cursor = pass.cursor;
-  if (starting) {
-    for (std::uint32_t i = 0; i < table.slots(); ++i)
-      if (table[i].live()) order.push_back(i);
-    if (opt.randomize_layout) shuffle_range(std::span(order), rng);
-    serial = heap.next_serial();
-    cursor = 0;
-  }
-  const auto& walk = starting ? order : pass.order;
-  moves.clear(), reqs.clear();
-  std::size_t planned = 0;
-  for (; cursor < walk.size() && (planned < budget || moves.empty()); ++cursor) {
-    const entry& e = table[walk[cursor]];
-    if (e.st() != entry_state::at_rest || heap.serial_of(e.data) >= serial) continue;
-    moves.push_back(walk[cursor]);
+  const detail::index_permutation order =
+      starting ? detail::index_permutation(table.slots(), opt.randomize_layout ? &rng : nullptr) : pass.order;
+  const std::uint64_t serial = starting ? heap.next_serial() : pass.serial;
+  std::uint64_t cursor = starting ? 0 : pass.cursor;
+  moves.clear(), reqs.clear(), doomed.clear();
+  std::size_t planned = 0, idle = 0;  // idle: slots visited with nothing to move
+  for (const std::uint64_t first = cursor;
+       cursor < order.size() && (cursor == first || planned + idle * slot_visit_bytes < budget); ++cursor) {
+    const auto i = static_cast<std::uint32_t>(order(cursor));
+    const entry& e = table[i];
+    if (e.st() == entry_state::doomed) doomed.push_back(i);
+    if (e.st() != entry_state::at_rest || heap.serial_of(e.data) >= serial) {
+      ++idle;  // unused, freed, pinned, or placed since the pass began
+      continue;
+    }
+    moves.push_back(i);
     reqs.push_back({stored_bytes(e), e.alignment()});
     planned += stored_bytes(e);
   }
   dest.resize(moves.size());
   heap.place_all(reqs, dest, starting);  // nothing changed if this throws
 
-  if (starting) {
-    pass.order.swap(order);
-    pass.serial = serial;
-    pass.active = true;
-    for (std::uint32_t i = 0; i < table.slots(); ++i) {
-      if (table[i].st() != entry_state::doomed) continue;
-      heap.vacate(table[i].data, stored_bytes(table[i]));
-      table.recycle(i);
-      --counters.pending_free_entries;
-    }
+  pass.active = true;
+  pass.order = order;
+  pass.serial = serial;
+  for (std::uint32_t i : doomed) {
+    heap.vacate(table[i].data, stored_bytes(table[i]));
+    table.recycle(i);
+    --counters.pending_free_entries;
   }
   for (std::size_t k = 0; k < moves.size(); ++k) {
     entry& e = table[moves[k]];
@@ -205,10 +201,9 @@ void shuffler::impl::shuffle(std::size_t budget) {
     counters.bytes_moved += n;
   }
   pass.cursor = cursor;
-  if (cursor == pass.order.size()) {
+  if (cursor == order.size()) {
     pass.active = false;
-    pass.order.clear();
-    heap.release_empty_older(pass.serial);
+    heap.release_empty_older(serial);
     ++counters.shuffles;
   }
   timed(t0);

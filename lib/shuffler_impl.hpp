@@ -21,6 +21,7 @@
 
 #include "handle_table.hpp"
 #include "heap.hpp"
+#include "index_permutation.hpp"
 #include "key_ring.hpp"
 #include "layout_rng.hpp"
 
@@ -62,11 +63,12 @@ struct shuffler::impl {
   detail::key_ring keys;
   layout_rng rng;
 
-  // The incremental shuffle under way.
+  // The incremental shuffle under way: it visits the slots that existed when it began,
+  // in the order of a permutation drawn then (computed index by index, no list).
   struct pass_state {
     bool active = false;
-    std::vector<std::uint32_t> order;
-    std::size_t cursor = 0;
+    detail::index_permutation order;
+    std::uint64_t cursor = 0;  // how many slots of order have been visited
     std::uint64_t serial = 0;  // arenas older than this are being emptied
   } pass;
 
@@ -164,8 +166,12 @@ struct shuffler::impl {
   // of everything at once, as a full shuffle does; each step is all or nothing.
   void compact();
 
-  // One step of the incremental shuffle: moves at most about budget bytes (one entry at
-  // least); the pass's first step draws its order, its last gives emptied arenas back.
+  // One step of the incremental shuffle: visits the pass's next slots while less than
+  // budget bytes are planned, each slot visited with nothing to move counting as
+  // slot_visit_bytes (so a step's time follows its budget however sparse the table);
+  // the first slot visited is moved whatever its size. Freed entries met are dropped.
+  // The pass's first step draws its order, its last gives emptied arenas back.
+  static constexpr std::size_t slot_visit_bytes = 16;
   void shuffle(std::size_t budget);
 
   // Shuffle on return: the entry alone moves to a new place; without memory it stays.

@@ -858,6 +858,26 @@ TEST_CASE("an incremental shuffle moves about its budget per call and finishes t
   CHECK(s.stats().reserved_bytes == up.outstanding_bytes());
 }
 
+TEST_CASE("an incremental shuffle step looks at a bounded number of slots however sparse the table") {
+  recording_resource up;
+  shuffler s({.cipher = cipher_kind::none, .arena_size = 4096}, &up);
+  std::vector<handle> hs;
+  for (int i = 0; i < 20000; ++i) hs.push_back(s.alloc<std::byte>(16));
+  for (std::size_t i = 10; i < hs.size(); ++i) s.free(hs[i]);
+  s.shuffle();  // 20,000 slots, 10 of them live
+  int calls = 0;
+  while (s.stats().shuffles == 1) {
+    s.shuffle(1024);
+    ++calls;
+    REQUIRE(calls < 100000);
+  }
+  // Each empty slot counts as 16 bytes of the budget: 20,000 slots take 300 calls or so
+  // (a step that walked to the next live entry would finish in 10).
+  CHECK(calls >= 20000 * 16 / 1024 - 10);
+  CHECK(calls <= 20000 * 16 / 1024 + 20);
+  for (std::size_t i = 0; i < 10; ++i) CHECK(s.valid(hs[i]));
+}
+
 TEST_CASE("shuffle_every shuffles after that many operations") {
   shuffler s({.cipher = cipher_kind::none, .shuffle_every = 10});
   std::vector<handle> hs;

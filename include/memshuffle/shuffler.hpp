@@ -136,8 +136,10 @@ class shuffler {
   ///   wipes what they left and gives emptied arenas back to the upstream.
   /// \throws std::bad_alloc (nothing changed).
   void shuffle();
-  /// \effects The same work in steps: moves at most about budget bytes (at least one
-  ///   entry) and carries on from there on the next call.
+  /// \effects The same work in steps: moves at most about budget bytes and carries on
+  ///   from there on the next call. A call's work follows its budget, not the heap's
+  ///   size: a slot it looks at without moving anything counts as 16 bytes, and the
+  ///   first slot it looks at is moved whatever its size.
   /// \throws std::bad_alloc (nothing changed by this step).
   void shuffle(std::size_t budget);
   /// \effects Turns shuffle on return (shuffler_options::shuffle_on_return) on or off.
