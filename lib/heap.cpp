@@ -97,12 +97,7 @@ std::byte* heap::place(std::size_t bytes, std::size_t alignment) {
 }
 
 heap::arena* heap::arena_of(const void* p) const noexcept {
-  const auto at = reinterpret_cast<std::uintptr_t>(p);
-  auto it = std::upper_bound(chunks_.begin(), chunks_.end(), at,
-                             [](std::uintptr_t x, const chunk_ref& c) { return x < c.begin; });
-  if (it == chunks_.begin()) return nullptr;
-  --it;
-  return at < it->end ? it->owner : nullptr;
+  return chunks_.find(reinterpret_cast<std::uintptr_t>(p));
 }
 
 std::uint64_t heap::serial_of(const std::byte* p) const noexcept {
@@ -153,14 +148,18 @@ void heap::index_arenas() {
   granules_.clear();
   granules_stale_ = true;
   if (chunks_.empty()) return;
-  std::uintptr_t smallest = chunks_.front().end - chunks_.front().begin;
-  for (const chunk_ref& c : chunks_) smallest = std::min(smallest, c.end - c.begin);
+  std::uintptr_t smallest = UINTPTR_MAX, lo = UINTPTR_MAX, hi = 0;
+  chunks_.for_each([&](const auto& c) {
+    smallest = std::min(smallest, c.end - c.begin);
+    lo = std::min(lo, c.begin);
+    hi = std::max(hi, c.end);
+  });
   granule_shift_ = static_cast<unsigned>(std::bit_width(smallest) - 1);
-  granule_base_ = chunks_.front().begin;
-  const std::size_t count = ((chunks_.back().end - 1 - granule_base_) >> granule_shift_) + 1;
-  if (count > 4 * chunks_.size() + 64) return;  // spread thinly: searching costs less memory
+  granule_base_ = lo;
+  const std::size_t count = ((hi - 1 - granule_base_) >> granule_shift_) + 1;
+  if (count > 4 * chunks_.live() + 64) return;  // spread thinly: searching costs less memory
   granules_.resize(count);
-  for (const chunk_ref& c : chunks_) {
+  chunks_.for_each([&](const auto& c) {
     const auto number = static_cast<std::uint32_t>(c.owner->pos);
     const std::size_t first = (c.begin - granule_base_) >> granule_shift_;
     const std::size_t last = (c.end - 1 - granule_base_) >> granule_shift_;
@@ -173,7 +172,7 @@ void heap::index_arenas() {
         granules_[g] = {0, number, number};
       }
     }
-  }
+  });
   granules_stale_ = false;
 }
 

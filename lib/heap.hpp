@@ -14,6 +14,7 @@
 
 #include <memshuffle/arena_resource.hpp>
 
+#include "chunk_index.hpp"
 #include "layout_rng.hpp"
 #include "poison.hpp"
 
@@ -107,10 +108,6 @@ class heap {
 
  private:
   class arena;
-  struct chunk_ref {
-    std::uintptr_t begin, end;
-    arena* owner;
-  };
 
   // An arena during the shuffle under way, by arena number (fresh ones appended).
   struct planned {
@@ -141,7 +138,7 @@ class heap {
   std::pmr::memory_resource* upstream_;
   std::size_t arena_size_;
   std::vector<std::unique_ptr<arena>> arenas_;
-  std::vector<chunk_ref> chunks_;  // sorted by begin, for arena_of()
+  chunk_index<arena> chunks_;      // for arena_of()
   arena* current_ = nullptr;       // the arena being filled
   std::uint64_t next_serial_ = 0;
   std::size_t reserved_ = 0;
