@@ -100,10 +100,13 @@ heap::arena* heap::arena_of(const void* p) const noexcept {
   return chunks_.find(reinterpret_cast<std::uintptr_t>(p));
 }
 
-std::uint64_t heap::serial_of(const std::byte* p) const noexcept {
-  const arena* a = arena_of(p);
-  return a != nullptr ? a->serial : next_serial_;
+heap::where heap::locate(const std::byte* p) const noexcept {
+  where w;
+  w.a_ = arena_of(p);
+  return w;
 }
+
+std::uint64_t heap::serial_of(where w) const noexcept { return w.a_ != nullptr ? w.a_->serial : next_serial_; }
 
 void heap::release(arena& a) noexcept {
   if (&a == current_) current_ = nullptr;
@@ -116,10 +119,10 @@ void heap::release(arena& a) noexcept {
   ++released_;
 }
 
-void heap::vacate(std::byte* p, std::size_t bytes) noexcept {
+void heap::vacate(std::byte* p, std::size_t bytes, where w) noexcept {
   secure_wipe(p, bytes);
   poison(p, bytes);
-  arena* a = arena_of(p);
+  arena* a = w.a_;
   if (a == nullptr || --a->entries != 0) return;
   if (a == current_) {
     // Empty but being filled: start it over (placement unpoisons what it hands out).

@@ -44,6 +44,8 @@ struct window {
 };
 
 class heap {
+  class arena;  // lib/heap_arena.hpp
+
  public:
   heap(std::pmr::memory_resource* upstream, std::size_t arena_size);
   ~heap();  // every arena wiped and given back
@@ -58,12 +60,21 @@ class heap {
 
   // Every arena opened from now on has a serial at least this.
   std::uint64_t next_serial() const noexcept { return next_serial_; }
+  // The arena holding an entry, found once for the calls that take it (valid until
+  // that arena is given back).
+  class where {
+    friend class heap;
+    arena* a_ = nullptr;
+  };
+  where locate(const std::byte* p) const noexcept;
   // The serial of the arena holding p (p must be in one).
-  std::uint64_t serial_of(const std::byte* p) const noexcept;
+  std::uint64_t serial_of(where w) const noexcept;
+  std::uint64_t serial_of(const std::byte* p) const noexcept { return serial_of(locate(p)); }
 
   // An entry left p..p+bytes: wipe and poison it, and give its arena back when no
   // entry is left there (the arena being filled is rewound instead).
-  void vacate(std::byte* p, std::size_t bytes) noexcept;
+  void vacate(std::byte* p, std::size_t bytes, where w) noexcept;
+  void vacate(std::byte* p, std::size_t bytes) noexcept { vacate(p, bytes, locate(p)); }
 
   // A full shuffle, in place (docs/design.md, "Heap"): the entries leave their arenas
   // front to back, the windows interleaved, and each goes into the room some arena's
@@ -107,7 +118,6 @@ class heap {
   std::size_t arena_size() const noexcept { return arena_size_; }
 
  private:
-  class arena;
 
   // An arena during the shuffle under way, by arena number (fresh ones appended).
   struct planned {

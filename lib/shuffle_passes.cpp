@@ -166,18 +166,22 @@ void shuffler::impl::shuffle(std::size_t budget) {
       starting ? detail::index_permutation(table.slots(), opt.randomize_layout ? &rng : nullptr) : pass.order;
   const std::uint64_t serial = starting ? heap.next_serial() : pass.serial;
   std::uint64_t cursor = starting ? 0 : pass.cursor;
-  moves.clear(), reqs.clear(), doomed.clear();
+  moves.clear(), reqs.clear(), doomed.clear(), sources.clear();
   std::size_t planned = 0, idle = 0;  // idle: slots visited with nothing to move
+  constexpr std::uint64_t ahead = 8;  // slots are visited at random: ask for them early
   for (const std::uint64_t first = cursor;
        cursor < order.size() && (cursor == first || planned + idle * slot_visit_bytes < budget); ++cursor) {
+    if (cursor + ahead < order.size()) __builtin_prefetch(&table[static_cast<std::uint32_t>(order(cursor + ahead))]);
     const auto i = static_cast<std::uint32_t>(order(cursor));
     const entry& e = table[i];
     if (e.st() == entry_state::doomed) doomed.push_back(i);
-    if (e.st() != entry_state::at_rest || heap.serial_of(e.data) >= serial) {
+    const detail::heap::where w = e.st() == entry_state::at_rest ? heap.locate(e.data) : detail::heap::where{};
+    if (e.st() != entry_state::at_rest || heap.serial_of(w) >= serial) {
       ++idle;  // unused, freed, pinned, or placed since the pass began
       continue;
     }
     moves.push_back(i);
+    sources.push_back(w);
     reqs.push_back({stored_bytes(e), e.alignment()});
     planned += stored_bytes(e);
   }
@@ -192,11 +196,12 @@ void shuffler::impl::shuffle(std::size_t budget) {
     table.recycle(i);
     --counters.pending_free_entries;
   }
+  // A source arena cannot go back before its last move: the where of each stays valid.
   for (std::size_t k = 0; k < moves.size(); ++k) {
     entry& e = table[moves[k]];
     const std::size_t n = stored_bytes(e);
     std::memcpy(dest[k], e.data, n);
-    heap.vacate(e.data, n);
+    heap.vacate(e.data, n, sources[k]);
     e.data = dest[k];
     counters.bytes_moved += n;
   }

@@ -86,6 +86,7 @@ struct shuffler::impl {
   std::vector<detail::window> windows;
   std::vector<std::byte*> stays, dest;
   std::vector<detail::request> reqs;
+  std::vector<detail::heap::where> sources;  // an incremental step's: the moves' arenas
 
   std::uint64_t ops = 0;
   // Every counter of stats() that the heap and the table do not keep themselves.
