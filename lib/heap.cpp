@@ -109,6 +109,7 @@ heap::where heap::locate(const std::byte* p) const noexcept {
 std::uint64_t heap::serial_of(where w) const noexcept { return w.a_ != nullptr ? w.a_->serial : next_serial_; }
 
 void heap::release(arena& a) noexcept {
+  if (holding_) return;  // the arena numbers hold; end_shuffle() gives it back
   if (&a == current_) current_ = nullptr;
   const std::size_t pos = a.pos;
   if (pos + 1 != arenas_.size()) {

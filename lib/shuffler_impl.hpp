@@ -82,7 +82,7 @@ struct shuffler::impl {
   };
   std::vector<move_item> items;
   std::vector<detail::move> plan;  // a full shuffle's moves, by source arena, in slot order
-  std::vector<std::uint32_t> placement;  // the order plan's moves are placed in
+  std::vector<detail::move> sort_scratch;  // sort_by_address's
   std::vector<detail::window> windows;
   std::vector<std::byte*> stays, dest;
   std::vector<detail::request> reqs;
@@ -139,27 +139,43 @@ struct shuffler::impl {
   }
 
   // A full shuffle, rolling (docs/design.md, "Heap"): the entries at rest leave their
-  // arenas one source arena (a window) at a time, windows in random order and entries
-  // in random order within each, and every arena emptied this way is a destination for
-  // the windows after it. So the upstream holds the heap plus a few arenas at the
-  // peak, and memory it already had is reused instead of fresh pages.
+  // arenas interleaved at random, each into room that entries read before it left, so
+  // the upstream holds the heap plus a few arenas at the peak. It runs in parts of
+  // bounded work (begin_full(), then shuffle_part() until it returns false), and the
+  // caller may release the lock between parts: meanwhile the heap is held (arenas keep
+  // their numbers, new entries go to arenas of their own), and an entry pinned when its
+  // turn comes stays where it is. shuffle() runs every part at once.
   void shuffle();
+  // Throws std::bad_alloc, nothing changed.
+  void begin_full();
+  // Returns whether parts remain. Only the parts before the first move can fail: on
+  // std::bad_alloc the shuffle is abandoned and nothing changed.
+  bool shuffle_part();
+  bool full_active() const noexcept { return full.at != full_state::phase::idle; }
 
-  // One pass over the slots: the entries at rest go to their arena's run of plan (each
-  // arena's run is as long as the entries it holds, so nothing is sorted), the freed
-  // ones to doomed, the pinned or in transition ones to stays; then one window per
-  // arena with entries to move.
-  void gather_by_arena();
+  struct full_state {
+    // grow: the plan's room, a part at a time; gather: the slots, a part at a time, the
+    // entries at rest to their arena's run of plan (each run as long as the arena's
+    // entries, so nothing is sorted), the freed ones to doomed, the pinned ones to
+    // stays; windows: one per arena with entries to move; sort: each window by address;
+    // begin: the heap's plan begins; move: planned and moved a part at a time; drop:
+    // the freed entries; end: the heap settles.
+    enum class phase : std::uint8_t { idle, grow, gather, windows, sort, begin, move, drop, end };
+    phase at = phase::idle;
+    std::uint32_t cursor = 0;  // the phase's progress: slots, windows or freed entries
+    std::uint32_t slots = 0;   // the slots when it began (later ones are newer entries)
+    std::uint32_t arenas = 0;  // the arenas when it began (the shuffle's own)
+    std::uint32_t total = 0;   // entries in those arenas
+    std::vector<std::uint32_t> part;  // a move part's sequence
+  } full;
+  static constexpr std::uint32_t part_slots = 16384, part_moves = 1024;
 
-  // With randomize_layout: the windows of about an arena's worth in random order, each
-  // to an arena of its own, then the smaller ones in random order, packed; entries in
-  // random order within each window. The new layout keeps no trace of the old one, yet
-  // an arena's entries (which, after allocation, sit in neighbouring slots) stay
-  // together, so both the slots and the bytes are walked nearly in order. (Packed in
-  // random order, full windows would share arenas with random others, and after a few
-  // shuffles every slot would lie in a random arena.) Without randomize_layout: arenas
-  // in the order they were filled, entries by address, packed: the order is kept.
-  void order_windows();
+  void gather_part();
+  void sort_part();
+  void begin_moves();
+  void move_part();
+  void drop_part() noexcept;
+  void end_full() noexcept;
 
   // The ratio policy's compaction: entries move in address order, an arena's worth at a
   // time (in random order within that window when randomize_layout), and each source
