@@ -46,7 +46,7 @@ bool shuffler::impl::shuffle_part() {
   try {
     switch (full.at) {
       case phase::grow:
-        plan.resize(std::min<std::size_t>(full.total, plan.size() + 4 * part_slots));
+        plan.resize(std::min<std::size_t>(full.total, plan.size() + part_slots));
         if (plan.size() >= full.total) full.at = phase::gather;
         break;
       case phase::gather: gather_part(); break;
