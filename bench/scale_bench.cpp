@@ -7,6 +7,7 @@
 #include "goal_report.hpp"
 
 #include <memshuffle/shuffler.hpp>
+#include <memshuffle/tracking_resource.hpp>
 
 #include <benchmark/benchmark.h>
 
@@ -15,6 +16,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <map>
 #include <random>
@@ -44,6 +46,12 @@ std::vector<handle> fill(shuffler& s, std::size_t count, std::size_t bytes) {
   return hs;
 }
 
+double thread_cpu_us() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e6 + static_cast<double>(ts.tv_nsec) / 1e3;
+}
+
 double percentile(std::vector<double>& sorted, double p) {
   if (sorted.empty()) return 0;
   const auto i = static_cast<std::size_t>(p / 100 * static_cast<double>(sorted.size() - 1));
@@ -70,21 +78,62 @@ void report_latencies(benchmark::State& state, std::vector<double> us, const std
   out << name << ",100," << us.back() << '\n';
 }
 
+// One rent+return: when it started and how long it took (microseconds).
+struct timed_op {
+  double start_us, us;
+};
+
 // rent+return of random entries, timed one by one, until stop (or count operations).
-std::vector<double> rent_return_loop(shuffler& s, const std::vector<handle>& hs, const std::atomic<bool>& stop,
-                                     std::size_t count) {
-  std::vector<double> us;
-  us.reserve(1 << 20);
+std::vector<timed_op> rent_return_loop(shuffler& s, const std::vector<handle>& hs, const std::atomic<bool>& stop,
+                                       std::size_t count, clock_type::time_point begin) {
+  std::vector<timed_op> ops;
+  ops.reserve(1 << 20);
   std::mt19937_64 rng(20261202);
-  while (!stop.load(std::memory_order_relaxed) && us.size() < count) {
+  while (!stop.load(std::memory_order_relaxed) && ops.size() < count) {
     const handle h = hs[rng() % hs.size()];
     const auto t0 = clock_type::now();
     {
       auto lease = s.rent<std::byte>(h);
       benchmark::DoNotOptimize(lease.get()[0]);
     }
-    us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
+    const auto t1 = clock_type::now();
+    ops.push_back({std::chrono::duration<double, std::micro>(t0 - begin).count(),
+                   std::chrono::duration<double, std::micro>(t1 - t0).count()});
   }
+  return ops;
+}
+
+// Counted by time, so that a long wait cannot hide among many fast operations: the
+// run cut into slices of 1 ms, each slice's figure the longest operation under way
+// in it (a wait of 50 ms fills 50 slices).
+std::vector<double> worst_per_slice(const std::vector<timed_op>& ops, double from_us, double to_us) {
+  constexpr double slice_us = 1000;
+  std::vector<double> worst;
+  for (const timed_op& op : ops) {
+    if (op.start_us < from_us || op.start_us >= to_us) continue;
+    const auto first = static_cast<std::size_t>(op.start_us / slice_us);
+    const auto last = static_cast<std::size_t>((op.start_us + op.us) / slice_us);
+    if (worst.size() <= last) worst.resize(last + 1, 0);
+    for (std::size_t k = first; k <= last; ++k) worst[k] = std::max(worst[k], op.us);
+  }
+  worst.erase(worst.begin(), worst.begin() + static_cast<std::ptrdiff_t>(std::min<double>(
+                                                  static_cast<double>(worst.size()), from_us / slice_us)));
+  std::sort(worst.begin(), worst.end());
+  return worst;
+}
+
+// The slices' figures as counters named prefix_p99_us, prefix_p99.9_us, prefix_max_us.
+void report_slices(benchmark::State& state, const std::string& prefix, std::vector<double> slices) {
+  state.counters[prefix + "_slices"] = static_cast<double>(slices.size());
+  state.counters[prefix + "_p99_us"] = percentile(slices, 99);
+  state.counters[prefix + "_p99.9_us"] = percentile(slices, 99.9);
+  state.counters[prefix + "_max_us"] = slices.empty() ? 0 : slices.back();
+}
+
+std::vector<double> latencies(const std::vector<timed_op>& ops) {
+  std::vector<double> us;
+  us.reserve(ops.size());
+  for (const timed_op& op : ops) us.push_back(op.us);
   return us;
 }
 
@@ -95,12 +144,15 @@ void BM_rent_return_latency_1GiB(benchmark::State& state) {
   const bool concurrent = state.range(1) != 0;
   for (auto _ : state) {
     state.PauseTiming();
-    shuffler s;
+    memshuffle::tracking_resource upstream;  // its peak: the most the shuffle held at once
+    shuffler s({}, &upstream);
     const std::vector<handle> hs = fill(s, gib / bytes, bytes);
+    const std::size_t heap_bytes = upstream.stats().current_bytes;
     state.ResumeTiming();
     std::atomic<bool> stop{false};
     double shuffle_ms = 0, rotate_ms = 0;
     std::thread mover;
+    const auto begin = clock_type::now();
     if (concurrent) {
       mover = std::thread([&] {
         auto t0 = clock_type::now();
@@ -113,11 +165,23 @@ void BM_rent_return_latency_1GiB(benchmark::State& state) {
         stop = true;
       });
     }
-    std::vector<double> us = rent_return_loop(s, hs, stop, concurrent ? SIZE_MAX : 200'000);
+    const std::vector<timed_op> ops = rent_return_loop(s, hs, stop, concurrent ? SIZE_MAX : 200'000, begin);
     if (concurrent) mover.join();
     state.counters["shuffle_ms"] = shuffle_ms;
     state.counters["rotate_ms"] = rotate_ms;
-    report_latencies(state, std::move(us),
+    // The upstream's peak beyond the heap as filled, in arenas (of the default size).
+    state.counters["peak_extra_arenas"] =
+        static_cast<double>(upstream.stats().peak_bytes - heap_bytes) / static_cast<double>(s.stats().reserved_bytes) *
+        static_cast<double>(s.stats().arenas);
+    // The run, and in it the shuffle and the key rotation apart (the mover starts
+    // about when the loop does).
+    const double end_us = 1e300, shuffled_us = shuffle_ms * 1e3;
+    report_slices(state, "slice", worst_per_slice(ops, 0, end_us));
+    if (concurrent) {
+      report_slices(state, "shuffle_slice", worst_per_slice(ops, 0, shuffled_us));
+      report_slices(state, "rotate_slice", worst_per_slice(ops, shuffled_us, end_us));
+    }
+    report_latencies(state, latencies(ops),
                      std::to_string(bytes) + (concurrent ? " B during shuffle+rotate_key" : " B alone"));
   }
 }
@@ -139,14 +203,22 @@ void BM_shuffle_steps_256KiB_1GiB(benchmark::State& state) {
     shuffler s;
     const std::vector<handle> hs = fill(s, gib / bytes, bytes);
     state.ResumeTiming();
-    std::vector<double> us;
+    std::vector<double> us, cpu_us;
     const std::uint64_t before = s.stats().shuffles;
     while (s.stats().shuffles == before) {
+      const double c0 = thread_cpu_us();
       const auto t0 = clock_type::now();
       s.shuffle(256 * 1024);
       us.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
+      cpu_us.push_back(thread_cpu_us() - c0);
     }
     state.counters["steps"] = static_cast<double>(us.size());
+    // The thread's CPU time per step: what the step costs, without the waits for a core
+    // on a loaded machine.
+    std::sort(cpu_us.begin(), cpu_us.end());
+    state.counters["cpu_p50_us"] = percentile(cpu_us, 50);
+    state.counters["cpu_p99.9_us"] = percentile(cpu_us, 99.9);
+    state.counters["cpu_max_us"] = cpu_us.back();
     report_latencies(state, std::move(us), std::to_string(bytes) + " B shuffle(256 KiB) steps");
   }
 }
@@ -156,11 +228,7 @@ BENCHMARK(BM_shuffle_steps_256KiB_1GiB)->ArgName("bytes")->Arg(4096)->Arg(64)->I
 // Per entry (CPU time of this thread): alloc+write, a full shuffle, a rotate_key.
 void BM_growth_64B(benchmark::State& state) {
   const auto count = static_cast<std::size_t>(state.range(0));
-  const auto cpu = [] {
-    timespec ts{};
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return static_cast<double>(ts.tv_sec) * 1e9 + static_cast<double>(ts.tv_nsec);
-  };
+  const auto cpu = [] { return thread_cpu_us() * 1e3; };  // ns
   for (auto _ : state) {
     shuffler s;
     const double t0 = cpu();
@@ -235,8 +303,17 @@ int main(int argc, char** argv) {
     print_goal("  rent+return p99.9 during shuffle+rotate_key", reporter.counter(during, "p99.9_us"), "us",
                goal{500, true});
     print_goal("  rent+return max during shuffle+rotate_key", reporter.counter(during, "max_us"), "us");
+    print_goal("  by 1 ms slices: p99.9 of each slice's longest", reporter.counter(during, "slice_p99.9_us"), "us",
+               goal{500, true});
+    print_goal("    while shuffle() runs", reporter.counter(during, "shuffle_slice_p99.9_us"), "us", goal{500, true});
+    print_goal("    while rotate_key() runs", reporter.counter(during, "rotate_slice_p99.9_us"), "us", goal{500, true});
+    print_goal("  alone, by 1 ms slices", reporter.counter(std::string("BM_rent_return_latency_1GiB/bytes:") + bytes +
+                                                           "/concurrent:0", "slice_p99.9_us"), "us");
     const std::string steps = std::string("BM_shuffle_steps_256KiB_1GiB/bytes:") + bytes;
+    print_goal("  upstream's peak beyond the heap during shuffle()", reporter.counter(during, "peak_extra_arenas"),
+               "arenas", goal{2, true});
     print_goal("  shuffle(256 KiB) step p99.9", reporter.counter(steps, "p99.9_us"), "us", goal{500, true});
+    print_goal("  shuffle(256 KiB) step p99.9, thread CPU time", reporter.counter(steps, "cpu_p99.9_us"), "us");
   }
   const std::string small = "BM_growth_64B/entries:10000", large = "BM_growth_64B/entries:10000000";
   for (const char* what : {"alloc_ns", "shuffle_ns", "rotate_ns"}) {

@@ -97,20 +97,19 @@ std::byte* heap::place(std::size_t bytes, std::size_t alignment) {
 }
 
 heap::arena* heap::arena_of(const void* p) const noexcept {
-  const auto at = reinterpret_cast<std::uintptr_t>(p);
-  auto it = std::upper_bound(chunks_.begin(), chunks_.end(), at,
-                             [](std::uintptr_t x, const chunk_ref& c) { return x < c.begin; });
-  if (it == chunks_.begin()) return nullptr;
-  --it;
-  return at < it->end ? it->owner : nullptr;
+  return chunks_.find(reinterpret_cast<std::uintptr_t>(p));
 }
 
-std::uint64_t heap::serial_of(const std::byte* p) const noexcept {
-  const arena* a = arena_of(p);
-  return a != nullptr ? a->serial : next_serial_;
+heap::where heap::locate(const std::byte* p) const noexcept {
+  where w;
+  w.a_ = arena_of(p);
+  return w;
 }
+
+std::uint64_t heap::serial_of(where w) const noexcept { return w.a_ != nullptr ? w.a_->serial : next_serial_; }
 
 void heap::release(arena& a) noexcept {
+  if (holding_) return;  // the arena numbers hold; end_shuffle() gives it back
   if (&a == current_) current_ = nullptr;
   const std::size_t pos = a.pos;
   if (pos + 1 != arenas_.size()) {
@@ -121,10 +120,10 @@ void heap::release(arena& a) noexcept {
   ++released_;
 }
 
-void heap::vacate(std::byte* p, std::size_t bytes) noexcept {
+void heap::vacate(std::byte* p, std::size_t bytes, where w) noexcept {
   secure_wipe(p, bytes);
   poison(p, bytes);
-  arena* a = arena_of(p);
+  arena* a = w.a_;
   if (a == nullptr || --a->entries != 0) return;
   if (a == current_) {
     // Empty but being filled: start it over (placement unpoisons what it hands out).
@@ -153,14 +152,18 @@ void heap::index_arenas() {
   granules_.clear();
   granules_stale_ = true;
   if (chunks_.empty()) return;
-  std::uintptr_t smallest = chunks_.front().end - chunks_.front().begin;
-  for (const chunk_ref& c : chunks_) smallest = std::min(smallest, c.end - c.begin);
+  std::uintptr_t smallest = UINTPTR_MAX, lo = UINTPTR_MAX, hi = 0;
+  chunks_.for_each([&](const auto& c) {
+    smallest = std::min(smallest, c.end - c.begin);
+    lo = std::min(lo, c.begin);
+    hi = std::max(hi, c.end);
+  });
   granule_shift_ = static_cast<unsigned>(std::bit_width(smallest) - 1);
-  granule_base_ = chunks_.front().begin;
-  const std::size_t count = ((chunks_.back().end - 1 - granule_base_) >> granule_shift_) + 1;
-  if (count > 4 * chunks_.size() + 64) return;  // spread thinly: searching costs less memory
+  granule_base_ = lo;
+  const std::size_t count = ((hi - 1 - granule_base_) >> granule_shift_) + 1;
+  if (count > 4 * chunks_.live() + 64) return;  // spread thinly: searching costs less memory
   granules_.resize(count);
-  for (const chunk_ref& c : chunks_) {
+  chunks_.for_each([&](const auto& c) {
     const auto number = static_cast<std::uint32_t>(c.owner->pos);
     const std::size_t first = (c.begin - granule_base_) >> granule_shift_;
     const std::size_t last = (c.end - 1 - granule_base_) >> granule_shift_;
@@ -173,7 +176,7 @@ void heap::index_arenas() {
         granules_[g] = {0, number, number};
       }
     }
-  }
+  });
   granules_stale_ = false;
 }
 

@@ -5,6 +5,7 @@
 // left in it. Everything an entry leaves is wiped, and poisoned under the address
 // sanitizer; a chunk is wiped once more before it goes back upstream.
 // Not synchronized: the shuffler calls it under its lock.
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -14,6 +15,7 @@
 
 #include <memshuffle/arena_resource.hpp>
 
+#include "chunk_index.hpp"
 #include "layout_rng.hpp"
 #include "poison.hpp"
 
@@ -35,6 +37,13 @@ struct move {
   std::uint32_t align_log2;
 };
 
+// Whether a move's entry must stay where it is (pinned since it was listed).
+struct keep_test {
+  const void* context = nullptr;
+  bool (*test)(const void* context, const move& m) noexcept = nullptr;
+  bool operator()(const move& m) const noexcept { return test != nullptr && test(context, m); }
+};
+
 // The entries of one source arena: moves [first, last), sorted by address.
 struct window {
   std::uint32_t arena;  // its arena_number
@@ -43,6 +52,8 @@ struct window {
 };
 
 class heap {
+  class arena;  // lib/heap_arena.hpp
+
  public:
   heap(std::pmr::memory_resource* upstream, std::size_t arena_size);
   ~heap();  // every arena wiped and given back
@@ -57,12 +68,21 @@ class heap {
 
   // Every arena opened from now on has a serial at least this.
   std::uint64_t next_serial() const noexcept { return next_serial_; }
+  // The arena holding an entry, found once for the calls that take it (valid until
+  // that arena is given back).
+  class where {
+    friend class heap;
+    arena* a_ = nullptr;
+  };
+  where locate(const std::byte* p) const noexcept;
   // The serial of the arena holding p (p must be in one).
-  std::uint64_t serial_of(const std::byte* p) const noexcept;
+  std::uint64_t serial_of(where w) const noexcept;
+  std::uint64_t serial_of(const std::byte* p) const noexcept { return serial_of(locate(p)); }
 
   // An entry left p..p+bytes: wipe and poison it, and give its arena back when no
   // entry is left there (the arena being filled is rewound instead).
-  void vacate(std::byte* p, std::size_t bytes) noexcept;
+  void vacate(std::byte* p, std::size_t bytes, where w) noexcept;
+  void vacate(std::byte* p, std::size_t bytes) noexcept { vacate(p, bytes, locate(p)); }
 
   // A full shuffle, in place (docs/design.md, "Heap"): the entries leave their arenas
   // front to back, the windows interleaved, and each goes into the room some arena's
@@ -77,15 +97,26 @@ class heap {
   std::uint32_t arena_number(const std::byte* p) const noexcept;
   std::size_t entries_in(std::uint32_t arena) const noexcept;
   std::uint64_t serial_at(std::uint32_t arena) const noexcept;
-  // Plans the shuffle: sets every move's destination and writes into `sequence` the
-  // order the moves must run in. Each window's moves must be sorted by address. With rng, the windows are read interleaved at random
-  // (each step takes the next entry of a window drawn at random), and the arena being
-  // filled changes to one drawn at random among those with room; without it, windows
-  // are read one after the other in the order given, so the order is kept. The arenas
-  // needed for the live bytes (the fullest) are the destinations, the others are
-  // drained and given back at the end; arenas holding an entry at stay are never
-  // written. Opens fresh arenas only when no destination has room: on std::bad_alloc
-  // the heap is exactly as before. Once it returns, run_moves and end_shuffle must follow.
+  // Starts the shuffle's plan. Each window's moves must be sorted by address. With
+  // rng, the windows are read interleaved at random (each step takes the next entry of
+  // a window drawn at random), and the arena being filled changes to one drawn at
+  // random among those with room; without it, windows are read one after the other in
+  // the order given, so the order is kept. The arenas needed for the live bytes (the
+  // fullest) are the destinations, the others are drained and given back at the end;
+  // arenas holding an entry at stay are never written. On std::bad_alloc the heap is
+  // exactly as before; once it returns, plan_part, run_moves and end_shuffle follow.
+  void begin_shuffle(std::span<move> moves, std::span<const window> windows,
+                     std::span<std::byte* const> stay, layout_rng* rng);
+  // Plans the next steps, as many as sequence holds, writing the moves' order there;
+  // returns how many (0: every move is planned). Sets each move's destination, opening
+  // fresh arenas only when no destination has room. A move whose entry keep says must
+  // stay, or that finds no room when the upstream fails, stays where it is: its `to`
+  // is null and its arena keeps it (a destination's room then ends below it). So once
+  // begun, a shuffle always completes.
+  std::size_t plan_part(std::span<move> moves, std::span<const window> windows, layout_rng* rng, keep_test keep,
+                        std::span<std::uint32_t> sequence);
+  // begin_shuffle and a plan of every move at once into sequence, nothing kept; on
+  // std::bad_alloc the heap is exactly as before.
   void begin_shuffle(std::span<move> moves, std::span<const window> windows,
                      std::span<std::byte* const> stay, layout_rng* rng, std::span<std::uint32_t> sequence);
   // Copies every entry to its destination, in the planned sequence (each write lands on
@@ -94,8 +125,18 @@ class heap {
   // A freed entry's bytes, dropped during the shuffle.
   void drop(std::byte* p, std::size_t bytes) noexcept;
   // Wipes what no entry covers any more, gives back every arena left empty; the last
-  // destination filled is the arena being filled.
-  void end_shuffle() noexcept;
+  // destination filled is the arena being filled. moves: the plan's (for the entries
+  // kept in place). Ends hold().
+  void end_shuffle(std::span<const move> moves) noexcept;
+  void end_shuffle() noexcept { end_shuffle({}); }
+
+  // For a shuffle whose parts run with the shuffler's lock released between them: the
+  // arenas keep their numbers (none is given back) and entries placed meanwhile go to
+  // arenas opened for them, which the shuffle never reads or writes (the shuffle's are
+  // those open at hold()). release_hold()
+  // undoes it before begin_shuffle; end_shuffle ends it.
+  void hold() noexcept;
+  void release_hold() noexcept;
 
   // Gives back the arenas older than serial that hold no entry.
   void release_empty_older(std::uint64_t serial) noexcept;
@@ -106,11 +147,6 @@ class heap {
   std::size_t arena_size() const noexcept { return arena_size_; }
 
  private:
-  class arena;
-  struct chunk_ref {
-    std::uintptr_t begin, end;
-    arena* owner;
-  };
 
   // An arena during the shuffle under way, by arena number (fresh ones appended).
   struct planned {
@@ -118,20 +154,34 @@ class heap {
     std::uint32_t roomy = 0;   // its index in roomy_ plus one, 0 when not there
     std::uint32_t written = 0; // entries placed here
     std::uint32_t moved = 0;   // entries that leave it
+    std::uint32_t kept = 0;    // entries kept in place when their turn came, listed from
+    std::uint32_t kept_head = ~std::uint32_t{0};  // this move through align_log2
     std::uint8_t role = 0;
   };
-  enum : std::uint8_t { keeps_entry = 1, has_window = 2, destination = 4, placed_alone = 8 };
+  enum : std::uint8_t {
+    keeps_entry = 1, has_window = 2, destination = 4, placed_alone = 8,
+    kept_late = 16,  // an entry was kept in place when its turn came
+    outside = 32     // opened for allocations during the shuffle: not the shuffle's
+  };
 
   arena& open_arena(std::size_t capacity);
   void* try_place(arena& a, const request& r);
   arena* arena_of(const void* p) const noexcept;
   void release(arena& a) noexcept;
   void choose_destinations(std::span<const window> windows);
-  void plan(std::span<move> moves, std::span<const window> windows, layout_rng* rng,
-            std::span<std::uint32_t> sequence);
+  std::uint32_t next_window(std::span<move> moves, std::span<const window> windows, layout_rng* rng);
+  std::uint32_t next_in_order(std::span<const window> windows) noexcept;
+  std::uint32_t draw(std::span<move> moves, layout_rng& rng) noexcept;
+  void retire(std::span<const window> windows, std::uint32_t wi) noexcept;
   void drop_roomy(std::uint32_t number) noexcept;
-  void place_move(move& m, layout_rng* rng);
-  std::uint32_t take(std::span<move> moves, const window& w, std::uint32_t& cursor, layout_rng* rng);
+  bool place_move(move& m, layout_rng* rng, bool absorb);
+  std::uint32_t take(std::span<move> moves, const window& w, std::uint32_t& cursor, layout_rng* rng,
+                     keep_test keep, bool absorb);
+  void keep_in_place(std::span<move> moves, std::uint32_t k, std::uint32_t number) noexcept;
+  arena& open_planned(std::size_t capacity, std::uint8_t role);
+  void settle_destination(std::span<const move> moves, std::uint32_t number) noexcept;
+  void wipe_except_kept(std::span<const move> moves, std::uint32_t number, std::uintptr_t begin,
+                        std::uintptr_t end) noexcept;
   bool fits(std::uint32_t number, const move& m) const noexcept;
   std::uint32_t pick_roomy(const move& m, layout_rng* rng) noexcept;
   void set_room(std::uint32_t number, std::uintptr_t f) noexcept;
@@ -141,7 +191,7 @@ class heap {
   std::pmr::memory_resource* upstream_;
   std::size_t arena_size_;
   std::vector<std::unique_ptr<arena>> arenas_;
-  std::vector<chunk_ref> chunks_;  // sorted by begin, for arena_of()
+  chunk_index<arena> chunks_;      // for arena_of()
   arena* current_ = nullptr;       // the arena being filled
   std::uint64_t next_serial_ = 0;
   std::size_t reserved_ = 0;
@@ -169,6 +219,14 @@ class heap {
   std::uint32_t filling_ = 0;              // the destination being filled, if any
   bool has_filling_ = false;
   bool keeps_any_ = false;                 // an arena keeps an entry that stays
+  bool holding_ = false;                   // hold(): no arena given back
+  std::size_t held_ = 0;                   // the arenas open at hold(): the shuffle's
+  // The plan's progress between parts: the windows drawn ahead (at random), or the
+  // window being read, the next not yet read and the next deferred one (in order).
+  static constexpr std::size_t ahead = 8;
+  std::array<std::uint32_t, ahead> drawn_{};
+  std::size_t step_ = 0, total_ = 0;
+  std::uint32_t reading_ = 0, next_window_ = 0, deferred_ = 0;
 };
 
 }  // namespace memshuffle::detail

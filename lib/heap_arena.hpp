@@ -45,14 +45,10 @@ class heap::arena final : public std::pmr::memory_resource {
       refused = true;
       throw std::bad_alloc();
     }
-    auto& chunks = owner_.chunks_;
-    if (chunks.size() == chunks.capacity()) chunks.reserve(chunks.size() * 2 + 8);
+    owner_.chunks_.reserve_one();
     void* p = owner_.upstream_->allocate(bytes, alignment);
     const auto b = reinterpret_cast<std::uintptr_t>(p);
-    const chunk_ref ref{b, b + bytes, this};
-    chunks.insert(std::upper_bound(chunks.begin(), chunks.end(), ref,
-                                   [](const chunk_ref& x, const chunk_ref& y) { return x.begin < y.begin; }),
-                  ref);
+    owner_.chunks_.insert(b, b + bytes, this);
     owner_.granules_stale_ = true;
     has_chunk = true;
     base = top = b;
@@ -64,10 +60,7 @@ class heap::arena final : public std::pmr::memory_resource {
   void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override {
     unpoison(p, bytes);
     secure_wipe(p, bytes);
-    auto& chunks = owner_.chunks_;
-    const auto b = reinterpret_cast<std::uintptr_t>(p);
-    chunks.erase(std::lower_bound(chunks.begin(), chunks.end(), b,
-                                  [](const chunk_ref& c, std::uintptr_t x) { return c.begin < x; }));
+    owner_.chunks_.erase(reinterpret_cast<std::uintptr_t>(p));
     owner_.granules_stale_ = true;
     has_chunk = false;
     owner_.reserved_ -= bytes;

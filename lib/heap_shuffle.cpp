@@ -27,11 +27,12 @@ std::uintptr_t align_up(std::uintptr_t at, std::uint32_t align_log2) {
 }  // namespace
 
 void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
-                         std::span<std::byte* const> stay, layout_rng* rng, std::span<std::uint32_t> sequence) {
+                         std::span<std::byte* const> stay, layout_rng* rng) {
   const std::size_t count = arenas_.size();
   // Scratch only: on std::bad_alloc here the heap is untouched.
   plan_.assign(count, planned{});
   plan_.reserve(count + 8);
+  for (std::size_t i = holding_ ? held_ : count; i < count; ++i) plan_[i].role = outside;
   roomy_.clear();
   roomy_.reserve(count + 8);
   cursor_.resize(windows.size());
@@ -40,6 +41,7 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
   crediting_.reserve(windows.size()), draining_.reserve(windows.size());
   for (std::byte* p : stay) plan_[arena_number(p)].role |= keeps_entry;
   keeps_any_ = !stay.empty();
+  total_ = 0;
   for (std::uint32_t i = 0; i < windows.size(); ++i) {
     const window& w = windows[i];
     MEMSHUFFLE_ASSERT(std::is_sorted(moves.begin() + w.first, moves.begin() + w.last,
@@ -48,8 +50,14 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
     plan_[w.arena].role |= has_window;
     plan_[w.arena].moved = w.last - w.first;
     cursor_[i] = w.first;
+    total_ += w.last - w.first;
   }
-  choose_destinations(windows);
+  try {
+    choose_destinations(windows);
+  } catch (...) {
+    plan_.clear();
+    throw;
+  }
   room_ = 0;
   has_filling_ = false;
   for (std::uint32_t i = 0; i < count; ++i) {
@@ -68,13 +76,39 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
     ready_at_[i] = static_cast<std::uint32_t>(ready.size());
     ready.push_back(i);
   }
+  step_ = 0;
+  reading_ = none, next_window_ = 0, deferred_ = 0;
+  if (rng == nullptr) draining_.clear();  // in order: the windows deferred
+  for (std::size_t d = 0; rng != nullptr && d < ahead && d < total_; ++d) drawn_[d] = draw(moves, *rng);
+}
+
+void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
+                         std::span<std::byte* const> stay, layout_rng* rng, std::span<std::uint32_t> sequence) {
+  const std::size_t count = arenas_.size();
+  begin_shuffle(moves, windows, stay, rng);
   try {
-    plan(moves, windows, rng, sequence);
+    std::size_t step = 0;
+    while (step < sequence.size()) {
+      const std::uint32_t wi = next_window(moves, windows, rng);
+      sequence[step++] = take(moves, windows[wi], cursor_[wi], rng, {}, false);
+      if (rng != nullptr) retire(windows, wi);
+    }
   } catch (...) {
     while (arenas_.size() > count) arenas_.pop_back();  // the fresh arenas, never used
     plan_.clear();
     throw;
   }
+}
+
+std::size_t heap::plan_part(std::span<move> moves, std::span<const window> windows, layout_rng* rng, keep_test keep,
+                            std::span<std::uint32_t> sequence) {
+  std::size_t n = 0;
+  for (; n < sequence.size() && step_ < total_; ++n) {
+    const std::uint32_t wi = next_window(moves, windows, rng);
+    sequence[n] = take(moves, windows[wi], cursor_[wi], rng, keep, true);
+    if (rng != nullptr) retire(windows, wi);
+  }
+  return n;
 }
 
 // The destinations: the fullest arenas that are plain (not of their own, keeping no
@@ -88,7 +122,7 @@ void heap::choose_destinations(std::span<const window> windows) {
   std::size_t total = 0, usable = arena_size_;
   for (std::uint32_t i = 0; i < arenas_.size(); ++i) {
     const arena& a = *arenas_[i];
-    if ((plan_[i].role & keeps_entry) || a.capacity != arena_size_ || !a.has_chunk) continue;
+    if ((plan_[i].role & (keeps_entry | outside)) || a.capacity != arena_size_ || !a.has_chunk) continue;
     plain.push_back({live[i], i});
     total += live[i];
     usable = std::min<std::size_t>(usable, a.limit - a.base);
@@ -100,81 +134,104 @@ void heap::choose_destinations(std::span<const window> windows) {
   if (needed < plain.size() && plain.back().first == 0) plan_[plain.back().second].role |= destination;
 }
 
-void heap::plan(std::span<move> moves, std::span<const window> windows, layout_rng* rng,
-                std::span<std::uint32_t> sequence) {
-  std::size_t step = 0;
-  if (rng == nullptr) {
-    // In order, a draining window waits until there is room for it and an arena to
-    // spare, so the windows read meanwhile find room.
-    std::size_t deferred = 0;
-    draining_.clear();
-    const auto read = [&](std::uint32_t i) {
-      while (cursor_[i] < windows[i].last) sequence[step++] = take(moves, windows[i], cursor_[i], rng);
-    };
-    for (std::uint32_t i = 0; i < windows.size(); ++i) {
-      while (deferred < draining_.size() && room_ >= windows[draining_[deferred]].bytes + arena_size_)
-        read(draining_[deferred++]);
+// The window whose next move is the plan's next step.
+std::uint32_t heap::next_window(std::span<move> moves, std::span<const window> windows, layout_rng* rng) {
+  if (rng == nullptr) return next_in_order(windows);
+  std::uint32_t wi = drawn_[step_ % ahead];
+  if (cursor_[wi] == windows[wi].last) wi = draw(moves, *rng);  // finished since it was drawn
+  if (step_ + ahead < total_) drawn_[step_ % ahead] = draw(moves, *rng);
+  ++step_;
+  return wi;
+}
+
+// In order, a draining window waits until there is room for it and an arena to spare,
+// so the windows read meanwhile find room.
+std::uint32_t heap::next_in_order(std::span<const window> windows) noexcept {
+  ++step_;
+  for (;;) {
+    if (reading_ != none && cursor_[reading_] < windows[reading_].last) return reading_;
+    if (deferred_ < draining_.size() && room_ >= windows[draining_[deferred_]].bytes + arena_size_) {
+      reading_ = draining_[deferred_++];
+    } else if (next_window_ < windows.size()) {
+      const std::uint32_t i = next_window_++;
+      reading_ = none;
       if (!(plan_[windows[i].arena].role & destination) && room_ < windows[i].bytes + arena_size_)
-        draining_.push_back(i);
+        draining_.push_back(i);  // reserved for every window by begin_shuffle
       else
-        read(i);
+        reading_ = i;
+    } else {
+      reading_ = draining_[deferred_++];  // step_ <= total_: some window has moves left
     }
-    while (deferred < draining_.size()) read(draining_[deferred++]);
-    return;
-  }
-  // Draining windows give no room: while room is short, the next window is one that does.
-  const std::size_t low_water = arena_size_ / 4;
-  const auto draw = [&] {
-    std::size_t i = bounded(*rng, crediting_.size() + draining_.size());
-    if (i >= crediting_.size() && !crediting_.empty() && room_ < low_water) i = bounded(*rng, crediting_.size());
-    const std::uint32_t wi = i < crediting_.size() ? crediting_[i] : draining_[i - crediting_.size()];
-    __builtin_prefetch(&moves[cursor_[wi]], 1);
-    __builtin_prefetch(&moves[cursor_[wi]].bytes, 1);  // a move may straddle two lines
-    return wi;
-  };
-  // Drawn a few steps ahead, so that the window's next move is in cache when taken.
-  constexpr std::size_t ahead = 8;
-  std::array<std::uint32_t, ahead> drawn{};
-  const std::size_t total = sequence.size();
-  for (std::size_t d = 0; d < ahead && d < total; ++d) drawn[d] = draw();
-  for (; step < total; ++step) {
-    std::uint32_t wi = drawn[step % ahead];
-    if (cursor_[wi] == windows[wi].last) wi = draw();  // finished since it was drawn
-    sequence[step] = take(moves, windows[wi], cursor_[wi], rng);
-    if (cursor_[wi] == windows[wi].last) {
-      auto& ready = plan_[windows[wi].arena].role & destination ? crediting_ : draining_;
-      const std::uint32_t at = ready_at_[wi];
-      ready[at] = ready.back();
-      ready_at_[ready[at]] = at;
-      ready.pop_back();
-    }
-    if (step + ahead < total) drawn[step % ahead] = draw();
   }
 }
 
-// Places a window's next move, and gives its arena, if a destination, the room it left.
-std::uint32_t heap::take(std::span<move> moves, const window& w, std::uint32_t& cursor, layout_rng* rng) {
+// A window drawn at random. Draining windows give no room: while room is short, the
+// next window is one that does. Drawn a few steps ahead, so that the window's next move
+// is in cache when taken.
+std::uint32_t heap::draw(std::span<move> moves, layout_rng& rng) noexcept {
+  const std::size_t low_water = arena_size_ / 4;
+  std::size_t i = bounded(rng, crediting_.size() + draining_.size());
+  if (i >= crediting_.size() && !crediting_.empty() && room_ < low_water) i = bounded(rng, crediting_.size());
+  const std::uint32_t wi = i < crediting_.size() ? crediting_[i] : draining_[i - crediting_.size()];
+  __builtin_prefetch(&moves[cursor_[wi]], 1);
+  __builtin_prefetch(&moves[cursor_[wi]].bytes, 1);  // a move may straddle two lines
+  return wi;
+}
+
+// A window read to its end leaves the draw.
+void heap::retire(std::span<const window> windows, std::uint32_t wi) noexcept {
+  if (cursor_[wi] != windows[wi].last) return;
+  auto& ready = plan_[windows[wi].arena].role & destination ? crediting_ : draining_;
+  const std::uint32_t at = ready_at_[wi];
+  ready[at] = ready.back();
+  ready_at_[ready[at]] = at;
+  ready.pop_back();
+}
+
+// Places a window's next move, and gives its arena, if a destination, the room it left;
+// or keeps the entry where it is.
+std::uint32_t heap::take(std::span<move> moves, const window& w, std::uint32_t& cursor, layout_rng* rng,
+                         keep_test keep, bool absorb) {
   const std::uint32_t k = cursor++;
-  place_move(moves[k], rng);  // before its own room is counted: it cannot land on itself
-  if (plan_[w.arena].role & destination)
+  // Placed before its own room is counted: it cannot land on itself.
+  if (keep(moves[k]) || !place_move(moves[k], rng, absorb)) keep_in_place(moves, k, w.arena);
+  if ((plan_[w.arena].role & (destination | kept_late)) == destination)
     set_room(w.arena, cursor < w.last ? reinterpret_cast<std::uintptr_t>(moves[cursor].from) : arenas_[w.arena]->limit);
   return k;
 }
 
-void heap::place_move(move& m, layout_rng* rng) {
-  if (m.bytes > arena_size_) {
-    place_alone(m);
-    return;
-  }
-  if (!has_filling_ || !fits(filling_, m)) {
-    std::uint32_t next = pick_roomy(m, rng);
-    if (next == none) next = open_destination(std::size_t{1} << m.align_log2);
-    if (!fits(next, m)) {
-      place_alone(m);  // too large for an empty arena once aligned
-      return;
+// The entry stays: its arena keeps it, and a destination's room ends below it for good
+// (the room is one range at the arena's front).
+void heap::keep_in_place(std::span<move> moves, std::uint32_t k, std::uint32_t number) noexcept {
+  planned& p = plan_[number];
+  moves[k].to = nullptr;
+  moves[k].align_log2 = p.kept_head;
+  p.kept_head = k;
+  ++p.kept;
+  --p.moved;
+  p.role |= kept_late;
+}
+
+// Returns false when the upstream failed and absorb is set (the entry then stays).
+bool heap::place_move(move& m, layout_rng* rng, bool absorb) {
+  try {
+    if (m.bytes > arena_size_) {
+      place_alone(m);
+      return true;
     }
-    filling_ = next;
-    has_filling_ = true;
+    if (!has_filling_ || !fits(filling_, m)) {
+      std::uint32_t next = pick_roomy(m, rng);
+      if (next == none) next = open_destination(std::size_t{1} << m.align_log2);
+      if (!fits(next, m)) {
+        place_alone(m);  // too large for an empty arena once aligned
+        return true;
+      }
+      filling_ = next;
+      has_filling_ = true;
+    }
+  } catch (const std::bad_alloc&) {
+    if (!absorb) throw;
+    return false;
   }
   planned& d = plan_[filling_];
   const std::uintptr_t at = align_up(d.w, m.align_log2);
@@ -184,6 +241,7 @@ void heap::place_move(move& m, layout_rng* rng) {
   d.w = at + m.bytes;
   ++d.written;
   if (d.w == d.f) drop_roomy(filling_);
+  return true;
 }
 
 bool heap::fits(std::uint32_t number, const move& m) const noexcept {
@@ -242,15 +300,37 @@ void heap::drop_roomy(std::uint32_t number) noexcept {
   p.roomy = 0;
 }
 
+// A fresh arena for the plan, numbered after every arena open now (arenas opened for
+// allocations meanwhile are marked as outside the shuffle). On std::bad_alloc the heap
+// and the plan are as before.
+heap::arena& heap::open_planned(std::size_t capacity, std::uint8_t role) {
+  planned other;
+  other.role = outside;
+  plan_.resize(arenas_.size(), other);
+  plan_.emplace_back();
+  try {
+    arena& a = open_arena(capacity);
+    plan_.back().role = role;
+    return a;
+  } catch (...) {
+    plan_.pop_back();
+    throw;
+  }
+}
+
 // A fresh destination, its chunk taken now (aligned for the entry about to go there).
 std::uint32_t heap::open_destination(std::size_t alignment) {
   if (roomy_.size() == roomy_.capacity()) roomy_.reserve(roomy_.size() * 2);
-  plan_.emplace_back();
-  arena& a = open_arena(arena_size_);
-  (void)a.res.allocate(1, alignment);
+  arena& a = open_planned(arena_size_, destination);
+  try {
+    (void)a.res.allocate(1, alignment);
+  } catch (...) {
+    arenas_.pop_back();
+    plan_.pop_back();
+    throw;
+  }
   a.res.reset();
   const auto number = static_cast<std::uint32_t>(a.pos);
-  plan_[number].role = destination;
   plan_[number].w = plan_[number].f = a.base;
   set_room(number, a.limit);
   return number;
@@ -259,13 +339,18 @@ std::uint32_t heap::open_destination(std::size_t alignment) {
 // An entry larger than an arena gets a fresh arena of its own, placed for real (no
 // other entry goes there).
 void heap::place_alone(move& m) {
-  plan_.emplace_back();
-  arena& own = open_arena(m.bytes);
-  void* p = try_place(own, {m.bytes, std::size_t{1} << m.align_log2});
-  if (p == nullptr) throw std::bad_alloc();
+  arena& own = open_planned(m.bytes, placed_alone);
+  void* p = nullptr;
+  try {
+    p = try_place(own, {m.bytes, std::size_t{1} << m.align_log2});
+    if (p == nullptr) throw std::bad_alloc();
+  } catch (...) {
+    arenas_.pop_back();
+    plan_.pop_back();
+    throw;
+  }
   m.to = static_cast<std::byte*>(p);
   m.align_log2 = 0;
-  plan_[own.pos].role = placed_alone;
   plan_[own.pos].written = 1;
 }
 
@@ -281,6 +366,7 @@ void heap::run_moves(std::span<const move> moves, std::span<const std::uint32_t>
       __builtin_prefetch(next.to, 1);
     }
     const move& m = moves[sequence[k]];
+    if (m.to == nullptr) continue;  // kept in place
     unpoison(m.to - m.align_log2, m.align_log2 + m.bytes);
     if (m.align_log2 != 0) {
       secure_wipe(m.to - m.align_log2, m.align_log2);
@@ -303,30 +389,25 @@ void heap::drop(std::byte* p, std::size_t bytes) noexcept {
   --arenas_[number]->entries;
 }
 
-void heap::end_shuffle() noexcept {
+void heap::end_shuffle(std::span<const move> moves) noexcept {
   current_ = nullptr;
+  holding_ = false;
   for (std::uint32_t i = 0; i < plan_.size(); ++i) {
     const planned& p = plan_[i];
     arena& a = *arenas_[i];
+    if (p.role & outside) continue;
     if (p.role & keeps_entry) {
       a.entries -= p.moved;
     } else if (p.role & placed_alone) {
       a.entries = 1;
       a.serial = next_serial_++;
-    } else if (!(p.role & destination) || p.written == 0) {
-      a.entries = 0;  // given back below, wiped
+    } else if ((p.role & destination) && p.written + p.kept != 0) {
+      settle_destination(moves, i);
+    } else if (p.kept != 0) {  // drained but for entries kept in place: it stays
+      wipe_except_kept(moves, i, a.base, a.top);
+      a.entries = p.kept;
     } else {
-      if (a.top > p.w) {  // what departed entries left and no new one covers
-        auto* rest = reinterpret_cast<std::byte*>(p.w);
-        unpoison(rest, a.top - p.w);
-        secure_wipe(rest, a.top - p.w);
-        poison(rest, a.top - p.w);
-      }
-      a.res.reset();
-      if (p.w > a.base) (void)a.res.allocate(p.w - a.base, 1);  // one bump for all (planned to fit)
-      a.top = p.w;
-      a.entries = p.written;
-      a.serial = next_serial_++;
+      a.entries = 0;  // given back below, wiped
     }
   }
   if (has_filling_ && arenas_[filling_]->entries != 0 && !(plan_[filling_].role & placed_alone))
@@ -334,6 +415,53 @@ void heap::end_shuffle() noexcept {
   for (std::size_t i = arenas_.size(); i-- > 0;)
     if (arenas_[i]->entries == 0) release(*arenas_[i]);
   plan_.clear();
+}
+
+// A destination takes its placements (and the entries kept in place) as one bump, and
+// what departed entries left and no new one covers is wiped.
+void heap::settle_destination(std::span<const move> moves, std::uint32_t number) noexcept {
+  const planned& p = plan_[number];
+  arena& a = *arenas_[number];
+  std::uintptr_t end = p.w;
+  for (std::uint32_t k = p.kept_head; k != none; k = moves[k].align_log2)
+    end = std::max(end, reinterpret_cast<std::uintptr_t>(moves[k].from) + moves[k].bytes);
+  wipe_except_kept(moves, number, p.w, a.top);
+  a.res.reset();
+  if (end > a.base) (void)a.res.allocate(end - a.base, 1);  // planned to fit
+  a.top = end;
+  a.entries = p.written + p.kept;
+  a.serial = next_serial_++;
+}
+
+// Wipes and poisons [begin, end) but the entries of the arena kept in place (listed by
+// descending address).
+void heap::wipe_except_kept(std::span<const move> moves, std::uint32_t number, std::uintptr_t begin,
+                            std::uintptr_t end) noexcept {
+  const auto wipe = [](std::uintptr_t from, std::uintptr_t to) {
+    if (to <= from) return;
+    auto* p = reinterpret_cast<std::byte*>(from);
+    unpoison(p, to - from);
+    secure_wipe(p, to - from);
+    poison(p, to - from);
+  };
+  for (std::uint32_t k = plan_[number].kept_head; k != none; k = moves[k].align_log2) {
+    const auto from = reinterpret_cast<std::uintptr_t>(moves[k].from);
+    wipe(std::max(begin, from + moves[k].bytes), end);
+    end = std::min(end, from);
+  }
+  wipe(begin, end);
+}
+
+void heap::hold() noexcept {
+  current_ = nullptr;
+  holding_ = true;
+  held_ = arenas_.size();
+}
+
+void heap::release_hold() noexcept {
+  holding_ = false;
+  for (std::size_t i = arenas_.size(); i-- > 0;)
+    if (arenas_[i]->entries == 0) release(*arenas_[i]);
 }
 
 }  // namespace memshuffle::detail

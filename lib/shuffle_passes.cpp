@@ -11,37 +11,13 @@
 namespace memshuffle {
 
 void shuffler::impl::shuffle() {
-  const auto t0 = std::chrono::steady_clock::now();
-  gather_by_arena();
-  order_windows();
-  std::size_t moving = 0;
-  for (const detail::window& w : windows) moving += w.last - w.first;
-  const std::span<std::uint32_t> sequence(placement.data(), moving);
-  heap.begin_shuffle(plan, windows, stays, opt.randomize_layout ? &rng : nullptr,
-                     sequence);  // the only step that can fail; nothing changed yet
-  heap.run_moves(plan, sequence);
-  // Each window's moves come in slot order (gathered so), and slots are asked for ahead:
-  // entries allocated into freed slots lie in other arenas than their neighbours.
-  constexpr std::size_t ahead = 16;
-  for (const detail::window& w : windows) {
-    for (std::uint32_t k = w.first; k < w.last; ++k) {
-      if (k + ahead < w.last) __builtin_prefetch(&table[plan[k + ahead].slot], 1);
-      table[plan[k].slot].data = plan[k].to;
-      counters.bytes_moved += plan[k].bytes;
-    }
+  begin_full();
+  while (shuffle_part()) {
   }
-  for (std::uint32_t i : doomed) {
-    heap.drop(table[i].data, stored_bytes(table[i]));
-    table.recycle(i);
-  }
-  counters.pending_free_entries -= doomed.size();
-  heap.end_shuffle();
-  pass.active = false;
-  ++counters.shuffles;
-  timed(t0);
 }
 
-void shuffler::impl::gather_by_arena() {
+void shuffler::impl::begin_full() {
+  const auto t0 = std::chrono::steady_clock::now();
   doomed.clear(), stays.clear(), windows.clear();
   heap.index_arenas();
   const auto arenas = static_cast<std::uint32_t>(heap.arenas());
@@ -52,28 +28,77 @@ void shuffler::impl::gather_by_arena() {
     run_end[a] = total;  // the next free place of the run, for now
     total += static_cast<std::uint32_t>(heap.entries_in(a));
   }
-  if (plan.size() < total) plan.resize(total);
-  if (placement.size() < total) placement.resize(total);
+  plan.reserve(total);  // no element touched yet: grown a part at a time
   windows.reserve(arenas);
-  for (std::uint32_t i = 0; i < table.slots(); ++i) {
-    const entry& e = table[i];
-    switch (e.st()) {
-      case entry_state::at_rest: {
-        const std::uint32_t a = heap.arena_number(e.data);
-        plan[run_end[a]++] = {e.data, nullptr, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)};
-        run_bytes[a] += stored_bytes(e);
+  full.part.resize(part_moves);
+  heap.hold();
+  full.at = full_state::phase::grow;
+  full.cursor = 0;
+  full.slots = table.slots();
+  full.arenas = arenas;
+  full.total = total;
+  timed(t0);
+}
+
+bool shuffler::impl::shuffle_part() {
+  using phase = full_state::phase;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    switch (full.at) {
+      case phase::grow:
+        plan.resize(std::min<std::size_t>(full.total, plan.size() + part_slots));
+        if (plan.size() >= full.total) full.at = phase::gather;
+        break;
+      case phase::gather: gather_part(); break;
+      case phase::windows: {
+        std::uint32_t first = 0;
+        for (std::uint32_t a = 0; a < full.arenas; ++a) {
+          if (run_end[a] != first) windows.push_back({a, first, run_end[a], run_bytes[a]});
+          first += static_cast<std::uint32_t>(heap.entries_in(a));
+        }
+        full.at = phase::sort, full.cursor = 0;
         break;
       }
-      case entry_state::doomed: doomed.push_back(i); break;
-      case entry_state::unused: break;
-      default: stays.push_back(e.data); break;
+      case phase::sort: sort_part(); break;
+      case phase::begin: begin_moves(); break;
+      case phase::move: move_part(); break;
+      case phase::drop: drop_part(); break;
+      case phase::end: end_full(); break;
+      case phase::idle: break;
     }
+  } catch (...) {
+    // Before the first move: nothing changed but the heap's hold, which ends here.
+    heap.release_hold();
+    full.at = phase::idle;
+    timed(t0);
+    throw;
   }
-  std::uint32_t first = 0;
-  for (std::uint32_t a = 0; a < arenas; ++a) {
-    if (run_end[a] != first) windows.push_back({a, first, run_end[a], run_bytes[a]});
-    first += static_cast<std::uint32_t>(heap.entries_in(a));
+  timed(t0);
+  return full.at != phase::idle;
+}
+
+// The next part_slots slots. Entries placed since the shuffle began lie in arenas of
+// their own (numbered from full.arenas on) and are left alone.
+void shuffler::impl::gather_part() {
+  const std::uint32_t end = std::min(full.slots, full.cursor + part_slots);
+  for (std::uint32_t i = full.cursor; i < end; ++i) {
+    const entry& e = table[i];
+    if (e.st() == entry_state::unused) continue;
+    if (e.st() == entry_state::doomed) {
+      doomed.push_back(i);
+      continue;
+    }
+    const std::uint32_t a = heap.arena_number(e.data);
+    if (a >= full.arenas) continue;
+    if (e.st() != entry_state::at_rest) {
+      stays.push_back(e.data);
+      continue;
+    }
+    plan[run_end[a]++] = {e.data, nullptr, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)};
+    run_bytes[a] += stored_bytes(e);
   }
+  full.cursor = end;
+  if (end == full.slots) full.at = full_state::phase::windows;
 }
 
 namespace {
@@ -104,23 +129,72 @@ void sort_by_address(std::span<detail::move> w, std::vector<std::uint32_t>& coun
 }
 }  // namespace
 
-// Each window's moves by address, which the heap reads front to back; the layout's
-// randomness is drawn by the heap, which interleaves the windows. Without
-// randomize_layout the windows go in the order their arenas were filled.
-void shuffler::impl::order_windows() {
-  if (!opt.randomize_layout) {
+// The windows' moves by address, which the heap reads front to back, about
+// 4 * part_slots moves a part; the layout's randomness is drawn by the heap, which
+// interleaves the windows. Without randomize_layout the windows go in the order their
+// arenas were filled.
+void shuffler::impl::sort_part() {
+  if (full.cursor == 0 && !opt.randomize_layout) {
     std::sort(windows.begin(), windows.end(), [&](const detail::window& x, const detail::window& y) {
       return heap.serial_at(x.arena) < heap.serial_at(y.arena);
     });
   }
-  std::size_t largest = 0;
-  for (const detail::window& w : windows) largest = std::max<std::size_t>(largest, w.last - w.first);
-  std::vector<detail::move> scratch(largest);
-  for (const detail::window& w : windows)
-    sort_by_address(std::span(plan).subspan(w.first, w.last - w.first), run_end, scratch);
+  std::size_t sorted = 0;
+  for (; full.cursor < windows.size() && sorted < 4 * part_slots; ++full.cursor) {
+    const detail::window& w = windows[full.cursor];
+    if (sort_scratch.size() < w.last - w.first) sort_scratch.resize(w.last - w.first);
+    sort_by_address(std::span(plan).subspan(w.first, w.last - w.first), run_end, sort_scratch);
+    sorted += w.last - w.first;
+  }
+  if (full.cursor == windows.size()) full.at = full_state::phase::begin;
+}
+
+void shuffler::impl::begin_moves() {
+  heap.begin_shuffle(plan, windows, stays, opt.randomize_layout ? &rng : nullptr);
+  full.at = full_state::phase::move;
+}
+
+// The next part_moves steps of the plan, moved at once (each write lands on bytes whose
+// entries were copied out at an earlier step), and their slots pointed at the new
+// places. An entry pinned since it was gathered stays where it is.
+void shuffler::impl::move_part() {
+  constexpr auto pinned = [](const void* self, const detail::move& m) noexcept {
+    const entry_state st = static_cast<const impl*>(self)->table[m.slot].st();
+    return st != entry_state::at_rest && st != entry_state::doomed;
+  };
+  const std::size_t n = heap.plan_part(plan, windows, opt.randomize_layout ? &rng : nullptr, {this, pinned}, full.part);
+  const std::span<const std::uint32_t> sequence(full.part.data(), n);
+  heap.run_moves(plan, sequence);
+  for (const std::uint32_t k : sequence) {
+    const detail::move& m = plan[k];
+    if (m.to == nullptr) continue;
+    table[m.slot].data = m.to;
+    counters.bytes_moved += m.bytes;
+  }
+  if (n == 0) full.at = full_state::phase::drop, full.cursor = 0;
+}
+
+void shuffler::impl::drop_part() noexcept {
+  const auto end = static_cast<std::uint32_t>(std::min<std::size_t>(doomed.size(), full.cursor + part_slots));
+  for (std::uint32_t k = full.cursor; k < end; ++k) {
+    const std::uint32_t i = doomed[k];
+    heap.drop(table[i].data, stored_bytes(table[i]));
+    table.recycle(i);
+  }
+  counters.pending_free_entries -= end - full.cursor;
+  full.cursor = end;
+  if (end == doomed.size()) full.at = full_state::phase::end;
+}
+
+void shuffler::impl::end_full() noexcept {
+  heap.end_shuffle(plan);
+  pass.active = false;  // a full shuffle ends any incremental pass
+  ++counters.shuffles;
+  full.at = full_state::phase::idle;
 }
 
 void shuffler::impl::compact() {
+  if (full_active()) return;  // a full shuffle under way does more
   const auto t0 = std::chrono::steady_clock::now();
   for (std::uint32_t i = 0; i < table.slots(); ++i) {
     if (table[i].st() != entry_state::doomed) continue;
@@ -160,61 +234,63 @@ void shuffler::impl::compact() {
 }
 
 void shuffler::impl::shuffle(std::size_t budget) {
+  if (full_active()) return;  // a full shuffle under way does this work
   const auto t0 = std::chrono::steady_clock::now();
   const bool starting = !pass.active;
-  std::vector<std::uint32_t> order;
-  std::uint64_t serial = pass.serial;
-  std::size_t cursor = pass.cursor;
-  if (starting) {
-    for (std::uint32_t i = 0; i < table.slots(); ++i)
-      if (table[i].live()) order.push_back(i);
-    if (opt.randomize_layout) shuffle_range(std::span(order), rng);
-    serial = heap.next_serial();
-    cursor = 0;
-  }
-  const auto& walk = starting ? order : pass.order;
-  moves.clear(), reqs.clear();
-  std::size_t planned = 0;
-  for (; cursor < walk.size() && (planned < budget || moves.empty()); ++cursor) {
-    const entry& e = table[walk[cursor]];
-    if (e.st() != entry_state::at_rest || heap.serial_of(e.data) >= serial) continue;
-    moves.push_back(walk[cursor]);
+  const detail::index_permutation order =
+      starting ? detail::index_permutation(table.slots(), opt.randomize_layout ? &rng : nullptr) : pass.order;
+  const std::uint64_t serial = starting ? heap.next_serial() : pass.serial;
+  std::uint64_t cursor = starting ? 0 : pass.cursor;
+  moves.clear(), reqs.clear(), doomed.clear(), sources.clear();
+  std::size_t planned = 0, idle = 0;  // idle: slots visited with nothing to move
+  constexpr std::uint64_t ahead = 8;  // slots are visited at random: ask for them early
+  for (const std::uint64_t first = cursor;
+       cursor < order.size() && (cursor == first || planned + idle * slot_visit_bytes < budget); ++cursor) {
+    if (cursor + ahead < order.size()) __builtin_prefetch(&table[static_cast<std::uint32_t>(order(cursor + ahead))]);
+    const auto i = static_cast<std::uint32_t>(order(cursor));
+    const entry& e = table[i];
+    if (e.st() == entry_state::doomed) doomed.push_back(i);
+    const detail::heap::where w = e.st() == entry_state::at_rest ? heap.locate(e.data) : detail::heap::where{};
+    if (e.st() != entry_state::at_rest || heap.serial_of(w) >= serial) {
+      ++idle;  // unused, freed, pinned, or placed since the pass began
+      continue;
+    }
+    moves.push_back(i);
+    sources.push_back(w);
     reqs.push_back({stored_bytes(e), e.alignment()});
     planned += stored_bytes(e);
   }
   dest.resize(moves.size());
   heap.place_all(reqs, dest, starting);  // nothing changed if this throws
 
-  if (starting) {
-    pass.order.swap(order);
-    pass.serial = serial;
-    pass.active = true;
-    for (std::uint32_t i = 0; i < table.slots(); ++i) {
-      if (table[i].st() != entry_state::doomed) continue;
-      heap.vacate(table[i].data, stored_bytes(table[i]));
-      table.recycle(i);
-      --counters.pending_free_entries;
-    }
+  pass.active = true;
+  pass.order = order;
+  pass.serial = serial;
+  for (std::uint32_t i : doomed) {
+    heap.vacate(table[i].data, stored_bytes(table[i]));
+    table.recycle(i);
+    --counters.pending_free_entries;
   }
+  // A source arena cannot go back before its last move: the where of each stays valid.
   for (std::size_t k = 0; k < moves.size(); ++k) {
     entry& e = table[moves[k]];
     const std::size_t n = stored_bytes(e);
     std::memcpy(dest[k], e.data, n);
-    heap.vacate(e.data, n);
+    heap.vacate(e.data, n, sources[k]);
     e.data = dest[k];
     counters.bytes_moved += n;
   }
   pass.cursor = cursor;
-  if (cursor == pass.order.size()) {
+  if (cursor == order.size()) {
     pass.active = false;
-    pass.order.clear();
-    heap.release_empty_older(pass.serial);
+    heap.release_empty_older(serial);
     ++counters.shuffles;
   }
   timed(t0);
 }
 
 void shuffler::impl::relocate(std::uint32_t i) noexcept {
+  if (full_active()) return;  // the heap is held: the entry moves with the shuffle
   entry& e = table[i];
   const std::size_t n = stored_bytes(e);
   std::byte* to = nullptr;

@@ -4,11 +4,13 @@
 #include <memshuffle/secure_wipe.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include "shuffler_sync.hpp"
 
@@ -180,9 +182,26 @@ std::size_t shuffler::size_of(handle h) const {
   return s_->core.find_live(h).size;
 }
 
+void shuffler::synchronized::shuffle_in_parts(std::unique_lock<std::mutex>& lk) {
+  cv.wait(lk, [&] { return !core.full_active(); });
+  core.begin_full();
+  const struct wake {
+    std::condition_variable& cv;
+    ~wake() { cv.notify_all(); }
+  } waiters{cv};
+  while (core.shuffle_part()) {
+    lk.unlock();
+    // The threads waiting for the lock go first (for a while: more keep coming).
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
+    while (waiting.load(std::memory_order_relaxed) > 0 && std::chrono::steady_clock::now() < until)
+      std::this_thread::yield();
+    lk.lock();
+  }
+}
+
 void shuffler::shuffle() {
   auto lk = s_->lock();
-  s_->core.shuffle();
+  s_->shuffle_in_parts(lk);
 }
 
 void shuffler::shuffle(std::size_t budget) {

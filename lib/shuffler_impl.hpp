@@ -21,6 +21,7 @@
 
 #include "handle_table.hpp"
 #include "heap.hpp"
+#include "index_permutation.hpp"
 #include "key_ring.hpp"
 #include "layout_rng.hpp"
 
@@ -71,11 +72,12 @@ struct shuffler::impl {
   detail::key_ring keys;
   layout_rng rng;
 
-  // The incremental shuffle under way.
+  // The incremental shuffle under way: it visits the slots that existed when it began,
+  // in the order of a permutation drawn then (computed index by index, no list).
   struct pass_state {
     bool active = false;
-    std::vector<std::uint32_t> order;
-    std::size_t cursor = 0;
+    detail::index_permutation order;
+    std::uint64_t cursor = 0;  // how many slots of order have been visited
     std::uint64_t serial = 0;  // arenas older than this are being emptied
   } pass;
 
@@ -89,10 +91,11 @@ struct shuffler::impl {
   };
   std::vector<move_item> items;
   std::vector<detail::move> plan;  // a full shuffle's moves, by source arena, in slot order
-  std::vector<std::uint32_t> placement;  // the order plan's moves are placed in
+  std::vector<detail::move> sort_scratch;  // sort_by_address's
   std::vector<detail::window> windows;
   std::vector<std::byte*> stays, dest;
   std::vector<detail::request> reqs;
+  std::vector<detail::heap::where> sources;  // an incremental step's: the moves' arenas
 
   // Operations until shuffle_every asks for a shuffle: a countdown, as a modulo would
   // put a division on every rent and return.
@@ -155,27 +158,45 @@ struct shuffler::impl {
   }
 
   // A full shuffle, rolling (docs/design.md, "Heap"): the entries at rest leave their
-  // arenas one source arena (a window) at a time, windows in random order and entries
-  // in random order within each, and every arena emptied this way is a destination for
-  // the windows after it. So the upstream holds the heap plus a few arenas at the
-  // peak, and memory it already had is reused instead of fresh pages.
+  // arenas interleaved at random, each into room that entries read before it left, so
+  // the upstream holds the heap plus a few arenas at the peak. It runs in parts of
+  // bounded work (begin_full(), then shuffle_part() until it returns false), and the
+  // caller may release the lock between parts: meanwhile the heap is held (arenas keep
+  // their numbers, new entries go to arenas of their own), and an entry pinned when its
+  // turn comes stays where it is. shuffle() runs every part at once.
   void shuffle();
+  // Throws std::bad_alloc, nothing changed.
+  void begin_full();
+  // Returns whether parts remain. Only the parts before the first move can fail: on
+  // std::bad_alloc the shuffle is abandoned and nothing changed.
+  bool shuffle_part();
+  bool full_active() const noexcept { return full.at != full_state::phase::idle; }
 
-  // One pass over the slots: the entries at rest go to their arena's run of plan (each
-  // arena's run is as long as the entries it holds, so nothing is sorted), the freed
-  // ones to doomed, the pinned or in transition ones to stays; then one window per
-  // arena with entries to move.
-  void gather_by_arena();
+  struct full_state {
+    // grow: the plan's room, a part at a time; gather: the slots, a part at a time, the
+    // entries at rest to their arena's run of plan (each run as long as the arena's
+    // entries, so nothing is sorted), the freed ones to doomed, the pinned ones to
+    // stays; windows: one per arena with entries to move; sort: each window by address;
+    // begin: the heap's plan begins; move: planned and moved a part at a time; drop:
+    // the freed entries; end: the heap settles.
+    enum class phase : std::uint8_t { idle, grow, gather, windows, sort, begin, move, drop, end };
+    phase at = phase::idle;
+    std::uint32_t cursor = 0;  // the phase's progress: slots, windows or freed entries
+    std::uint32_t slots = 0;   // the slots when it began (later ones are newer entries)
+    std::uint32_t arenas = 0;  // the arenas when it began (the shuffle's own)
+    std::uint32_t total = 0;   // entries in those arenas
+    std::vector<std::uint32_t> part;  // a move part's sequence
+  } full;
+  // A part's work: a few hundred microseconds of one core at 1 GiB (each slot or move
+  // misses the cache).
+  static constexpr std::uint32_t part_slots = 4096, part_moves = 256;
 
-  // With randomize_layout: the windows of about an arena's worth in random order, each
-  // to an arena of its own, then the smaller ones in random order, packed; entries in
-  // random order within each window. The new layout keeps no trace of the old one, yet
-  // an arena's entries (which, after allocation, sit in neighbouring slots) stay
-  // together, so both the slots and the bytes are walked nearly in order. (Packed in
-  // random order, full windows would share arenas with random others, and after a few
-  // shuffles every slot would lie in a random arena.) Without randomize_layout: arenas
-  // in the order they were filled, entries by address, packed: the order is kept.
-  void order_windows();
+  void gather_part();
+  void sort_part();
+  void begin_moves();
+  void move_part();
+  void drop_part() noexcept;
+  void end_full() noexcept;
 
   // The ratio policy's compaction: entries move in address order, an arena's worth at a
   // time (in random order within that window when randomize_layout), and each source
@@ -183,8 +204,12 @@ struct shuffler::impl {
   // of everything at once, as a full shuffle does; each step is all or nothing.
   void compact();
 
-  // One step of the incremental shuffle: moves at most about budget bytes (one entry at
-  // least); the pass's first step draws its order, its last gives emptied arenas back.
+  // One step of the incremental shuffle: visits the pass's next slots while less than
+  // budget bytes are planned, each slot visited with nothing to move counting as
+  // slot_visit_bytes (so a step's time follows its budget however sparse the table);
+  // the first slot visited is moved whatever its size. Freed entries met are dropped.
+  // The pass's first step draws its order, its last gives emptied arenas back.
+  static constexpr std::size_t slot_visit_bytes = 16;
   void shuffle(std::size_t budget);
 
   // Shuffle on return: the entry alone moves to a new place; without memory it stays.

@@ -4,6 +4,7 @@
 // heap, the key ring and the statistics, and a condition variable wakes the threads
 // that wait for an entry in transition. Also the fork rule: in a child of fork() every
 // call throws fork_error, and the shuffler is abandoned, untouched, when it ends there.
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -19,10 +20,18 @@ struct shuffler::synchronized {
   synchronized(const shuffler_options& o, const key_type* key, const salt_type* salt, std::pmr::memory_resource* up)
       : core(o, key, salt, up) {}
 
-  // The lock, after the fork check.
+  // The lock, after the fork check. A thread that finds it taken counts itself in
+  // `waiting` until it has it, so a long operation that releases it between parts can
+  // let such threads go first.
   std::unique_lock<std::mutex> lock() const {
     if (forked()) throw fork_error("memshuffle: a shuffler of the parent process used in a child of fork()");
-    return std::unique_lock(m);
+    std::unique_lock lk(m, std::try_to_lock);
+    if (!lk) {
+      waiting.fetch_add(1, std::memory_order_relaxed);
+      lk.lock();
+      waiting.fetch_sub(1, std::memory_order_relaxed);
+    }
+    return lk;
   }
   bool forked() const noexcept { return detail::fork_epoch() != epoch; }
 
@@ -57,12 +66,17 @@ struct shuffler::synchronized {
     commit();
   }
 
+  // A full shuffle a part at a time, the lock released between parts, so another
+  // thread waits a part at most. One at a time: a second caller waits for the first.
+  void shuffle_in_parts(std::unique_lock<std::mutex>& lk);
+
   rented rent(handle h, std::size_t size, std::size_t alignment);
   void give_back(std::unique_lock<std::mutex>& lk, handle h);
   void rotate(std::unique_lock<std::mutex>& lk, const key_type* key, const salt_type* salt);
   void maybe_rotate(std::unique_lock<std::mutex>& lk) noexcept;
 
   mutable std::mutex m;
+  mutable std::atomic<int> waiting{0};  // threads blocked in lock()
   std::condition_variable cv;  // an entry left opening or sealing
   const std::uint64_t epoch = detail::fork_epoch();
   impl core;

@@ -217,10 +217,12 @@ TEST_CASE("a failed alloc or create leaves the shuffler exactly as it was") {
 TEST_CASE("a failed shuffle leaves every entry where and as it was") {
   for_each_setup([](cipher_kind c, source src) {
     fixture f(c);
-    std::uint64_t shuffles = 0;
+    std::uint64_t completed = 0;
+    // A failure once entries have moved is absorbed (the entries without room stay
+    // where they are): that run completes, and counts one shuffle.
     const int failures = fail_each_allocation(f, src, false, [&] { f.s->shuffle(); },
-                                              [&] { shuffles = f.s->stats().shuffles; });
-    CHECK(shuffles == 1);
+                                              [&] { CHECK(f.s->stats().shuffles == ++completed); });
+    CHECK(completed >= 1);
     CHECK(f.s->stats().pending_free_entries == 0);  // the freed entries were dropped
     if (src == source::upstream) CHECK(failures >= 1);
   });

@@ -337,6 +337,58 @@ double kept_together_over_uniform(const std::vector<placed>& before, const std::
 
 }  // namespace
 
+namespace {
+bool filled_with(const std::byte* p, std::size_t bytes, std::byte b) {
+  return std::all_of(p, p + bytes, [b](std::byte x) { return x == b; });
+}
+}  // namespace
+
+TEST_CASE("a shuffle in parts keeps in place the entries pinned when their turn comes, and entries placed meanwhile") {
+  for (const bool random : {false, true}) {
+    CAPTURE(random);
+    recording_resource up;
+    heap h(&up, arena_size);
+    std::vector<std::byte*> old;
+    for (int i = 0; i < 400; ++i) {
+      old.push_back(h.place(64, 8));
+      std::memset(old.back(), i % 251, 64);
+    }
+    h.index_arenas();
+    rolling r(h, old, 64);
+    h.hold();
+    layout_rng rng(5);
+    h.begin_shuffle(r.moves, r.windows, {}, random ? &rng : nullptr);
+    // Every seventh entry is pinned when its turn comes; entries are placed between parts.
+    const memshuffle::detail::keep_test every_seventh{
+        nullptr, [](const void*, const memshuffle::detail::move& m) noexcept { return m.slot % 7 == 0; }};
+    std::vector<std::byte*> meanwhile;
+    std::vector<std::uint32_t> part(16);
+    while (const std::size_t n = h.plan_part(r.moves, r.windows, random ? &rng : nullptr, every_seventh, part)) {
+      h.run_moves(r.moves, std::span(part).first(n));
+      meanwhile.push_back(h.place(100, 8));
+      std::memset(meanwhile.back(), 0xAB, 100);
+    }
+    h.end_shuffle(r.moves);
+    std::size_t kept = 0;
+    for (const auto& m : r.moves) {
+      CAPTURE(m.slot);
+      const bool pinned = m.slot % 7 == 0;
+      CHECK((m.to == nullptr) == pinned);
+      const std::byte* at = pinned ? m.from : m.to;
+      CHECK(filled_with(at, 64, std::byte(static_cast<unsigned char>(m.slot % 251))));
+      kept += pinned;
+    }
+    CHECK(kept == (400 + 6) / 7);
+    for (const std::byte* p : meanwhile) CHECK(filled_with(p, 100, std::byte{0xAB}));
+    CHECK(h.reserved_bytes() == up.outstanding_bytes());
+    // The books agree: vacating every entry gives every arena back (but the one being
+    // filled, rewound).
+    for (const auto& m : r.moves) h.vacate(m.to != nullptr ? m.to : m.from, 64);
+    for (std::byte* p : meanwhile) h.vacate(p, 100);
+    CHECK(h.arenas() <= 1);
+  }
+}
+
 TEST_CASE("a random full shuffle scatters the entries of an arena as uniform placement would") {
   MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 sizes(seed);

@@ -858,6 +858,26 @@ TEST_CASE("an incremental shuffle moves about its budget per call and finishes t
   CHECK(s.stats().reserved_bytes == up.outstanding_bytes());
 }
 
+TEST_CASE("an incremental shuffle step looks at a bounded number of slots however sparse the table") {
+  recording_resource up;
+  shuffler s({.cipher = cipher_kind::none, .arena_size = 4096}, &up);
+  std::vector<handle> hs;
+  for (int i = 0; i < 20000; ++i) hs.push_back(s.alloc<std::byte>(16));
+  for (std::size_t i = 10; i < hs.size(); ++i) s.free(hs[i]);
+  s.shuffle();  // 20,000 slots, 10 of them live
+  int calls = 0;
+  while (s.stats().shuffles == 1) {
+    s.shuffle(1024);
+    ++calls;
+    REQUIRE(calls < 100000);
+  }
+  // Each empty slot counts as 16 bytes of the budget: 20,000 slots take 300 calls or so
+  // (a step that walked to the next live entry would finish in 10).
+  CHECK(calls >= 20000 * 16 / 1024 - 10);
+  CHECK(calls <= 20000 * 16 / 1024 + 20);
+  for (std::size_t i = 0; i < 10; ++i) CHECK(s.valid(hs[i]));
+}
+
 TEST_CASE("shuffle_every shuffles after that many operations") {
   shuffler s({.cipher = cipher_kind::none, .shuffle_every = 10});
   std::vector<handle> hs;
@@ -1267,6 +1287,43 @@ TEST_CASE("threads renting distinct entries and one entry all at once see consis
   }
   const auto st = s.stats();
   CHECK(st.encryptions >= st.decryptions);
+}
+
+TEST_CASE("a full shuffle lets other threads in between its parts, and an entry they rent meanwhile stays put") {
+  // In place: a rented entry's plaintext is in the arena, so moving it would show.
+  shuffler s({.arena_size = 4096, .plaintext_in_place = true});
+  std::vector<handle> hs;
+  for (std::uint64_t i = 0; i < 200000; ++i) {
+    hs.push_back(s.alloc<std::uint64_t>(2));
+    s.write(hs.back(), std::as_bytes(std::span<const std::uint64_t>(std::array<std::uint64_t, 2>{i, ~i})));
+  }
+  std::atomic<bool> running{false}, done{false}, failed{false};
+  bool seen_mid = false;  // a moment when some entries had moved and the shuffle was not over
+  std::thread other([&] {
+    std::mt19937_64 rng(42);
+    while (!done) {
+      running = true;
+      const std::size_t i = rng() % hs.size();
+      auto l = s.rent<std::uint64_t>(hs[i]);
+      const std::uint64_t* p = l.get();
+      const auto st = s.stats();  // the lock, with the entry pinned
+      if (st.bytes_moved > 0 && st.shuffles == 0) seen_mid = true;
+      if (l.get() != p || p[0] != i || p[1] != ~std::uint64_t{i}) failed = true;
+    }
+  });
+  while (!running) std::this_thread::yield();
+  s.shuffle();
+  done = true;
+  other.join();
+  CHECK_FALSE(failed);
+  CHECK(seen_mid);
+  CHECK(s.stats().shuffles == 1);
+  CHECK(s.stats().bytes_moved > 0);
+  for (std::uint64_t i = 0; i < hs.size(); ++i) {
+    auto l = s.rent<std::uint64_t>(hs[i]);
+    REQUIRE(l.get()[0] == i);
+    REQUIRE(l.get()[1] == ~i);
+  }
 }
 
 }  // TEST_SUITE

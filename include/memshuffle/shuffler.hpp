@@ -133,11 +133,18 @@ class shuffler {
   std::size_t size_of(handle h) const;
 
   /// \effects Drops freed entries, moves every entry not rented into fresh arenas,
-  ///   wipes what they left and gives emptied arenas back to the upstream.
-  /// \throws std::bad_alloc (nothing changed).
+  ///   wipes what they left and gives emptied arenas back to the upstream. Works in
+  ///   parts of bounded length and lets other threads in between them: an entry they
+  ///   rent before its turn stays where it is, and entries they allocate are not
+  ///   moved. Once entries have moved, an entry that finds no memory stays where it
+  ///   is too. A second call meanwhile waits for the first to end.
+  /// \throws std::bad_alloc before any entry moved (nothing changed).
   void shuffle();
-  /// \effects The same work in steps: moves at most about budget bytes (at least one
-  ///   entry) and carries on from there on the next call.
+  /// \effects The same work in steps: moves at most about budget bytes and carries on
+  ///   from there on the next call. A call's work follows its budget, not the heap's
+  ///   size: a slot it looks at without moving anything counts as 16 bytes, and the
+  ///   first slot it looks at is moved whatever its size. Does nothing while a full
+  ///   shuffle runs on another thread.
   /// \throws std::bad_alloc (nothing changed by this step).
   void shuffle(std::size_t budget);
   /// \effects Turns shuffle on return (shuffler_options::shuffle_on_return) on or off.
