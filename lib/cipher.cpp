@@ -316,6 +316,12 @@ void with_encryptor(const Impl& impl, Fn&& fn) {
   fn(reserve.gcm);
 }
 
+// Scratch that held plaintext, wiped however the call ends.
+struct wiped_on_exit {
+  std::span<std::byte> s;
+  ~wiped_on_exit() { secure_wipe(s.data(), s.size()); }
+};
+
 // The pieces of a message of n bytes that fit a scratch of `piece` bytes.
 template <class Fn>
 void for_each_piece(std::size_t n, std::size_t piece, Fn&& fn) {
@@ -372,10 +378,7 @@ void cipher::reseal(const cipher& from, std::span<const std::byte> from_iv, std:
                     std::span<std::byte> scratch) const {
   check(from.kind() == kind(), "reseal needs two ciphers of one kind");
   if (data.size() <= scratch.size()) {  // one piece: an open into the scratch and a seal back
-    const struct wipe_after {
-      std::span<std::byte> s;
-      ~wipe_after() { secure_wipe(s.data(), s.size()); }
-    } plain{scratch.first(data.size())};
+    const wiped_on_exit plain{scratch.first(data.size())};
     from.open(from_iv, aad, data, plain.s, tag);
     seal(to_iv, aad, plain.s, data, tag);
     return;
@@ -385,10 +388,7 @@ void cipher::reseal(const cipher& from, std::span<const std::byte> from_iv, std:
   const detail::vector_register_guard clear;
   const impl& src = usable(from.impl_.get(), from, from_iv, aad.size(), tag.size());
   const impl& dst = usable(impl_.get(), *this, to_iv, aad.size(), tag.size());
-  const struct wipe_after {
-    std::span<std::byte> s;
-    ~wipe_after() { secure_wipe(s.data(), s.size()); }
-  } plain{scratch.first(piece)};
+  const wiped_on_exit plain{scratch.first(piece)};
   byte* const p = bytes(data);
   byte* const buf = bytes(plain.s);
   if (kind() == cipher_kind::aes_256_ctr) {
