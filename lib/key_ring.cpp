@@ -112,4 +112,19 @@ bool key_ring::sealing_under_older() const noexcept {
   return false;
 }
 
+void derive_shard_key(const key_type& key, const salt_type& salt, std::uint16_t shard, key_type& out_key,
+                      salt_type& out_salt) {
+  const cipher prf(cipher_kind::aes_256_ctr, key);  // its schedule in secret memory
+  std::array<std::byte, 16> block{};
+  std::copy(salt.begin(), salt.end(), block.begin());
+  for (int i = 8; i < 12; ++i) block[i] = std::byte{0xFF};
+  block[12] = static_cast<std::byte>(shard >> 8);
+  block[13] = static_cast<std::byte>(shard);
+  std::fill(out_key.begin(), out_key.end(), std::byte{0});
+  prf.seal(block, {}, out_key, {});  // blocks j = 0 and 1
+  block[15] = std::byte{2};
+  std::fill(out_salt.begin(), out_salt.end(), std::byte{0});
+  prf.seal(block, {}, out_salt, {});
+}
+
 }  // namespace memshuffle::detail

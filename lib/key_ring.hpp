@@ -70,6 +70,16 @@ class key_ring {
   std::uint16_t current_ = no_key;
 };
 
+// The key and salt of shard `shard` (>= 1) of a shuffler whose shard 0 is under `key`
+// and `salt` (shuffler_options::shards): the first 40 bytes of AES-256 under `key` of
+// the counter blocks salt || FF FF FF FF || be16(shard) || 00 0j, j = 0, 1, 2, written
+// straight into out_key and out_salt (give them secret memory). No entry's counter
+// block has FF in its bytes 8 to 11 (GCM puts zeros there, a CTR entry counts its blocks
+// from 0 and never reaches 2^63), so no derived byte is keystream an entry was
+// encrypted with, and the shards' keys differ from each other and from `key`.
+void derive_shard_key(const key_type& key, const salt_type& salt, std::uint16_t shard, key_type& out_key,
+                      salt_type& out_salt);
+
 // CTR initial counter block: (salt XOR be64(seq)) || be64(block), the low half counting
 // the entry's blocks from 0. The GCM nonce is its first 12 bytes.
 inline std::array<std::byte, 16> counter_block(const key_slot& k, std::uint64_t seq, std::uint64_t block = 0) {

@@ -1,5 +1,6 @@
-// The public members of the shuffler: argument checks, the lock and the fork check
-// (shuffler_sync.hpp) around the algorithm (shuffler_impl.hpp).
+// The public members of the shuffler: argument checks, the shard a call goes to
+// (shard_set.hpp), the lock and the fork check (shuffler_sync.hpp) around the
+// algorithm (shuffler_impl.hpp).
 #include <memshuffle/shuffler.hpp>
 #include <memshuffle/secure_wipe.hpp>
 
@@ -12,7 +13,7 @@
 #include <string>
 #include <thread>
 
-#include "shuffler_sync.hpp"
+#include "shard_set.hpp"
 
 namespace memshuffle {
 
@@ -53,7 +54,7 @@ shuffler::shuffler(shuffler_options options, std::pmr::memory_resource* upstream
   shuffler_options rest = options;  // the options the shuffler keeps: no key, no salt
   wipe_optional(rest.key);
   wipe_optional(rest.salt);
-  s_ = std::make_unique<synchronized>(rest, options.key ? &*options.key : nullptr,
+  s_ = std::make_unique<shard_set>(rest, options.key ? &*options.key : nullptr,
                                       options.salt ? &*options.salt : nullptr, upstream);
 }
 
@@ -61,9 +62,9 @@ shuffler::~shuffler() {
   // Ending in a child of fork(): the shuffler's memory is the parent's image (and its
   // secret memory is not mapped here), so it is never touched again. Kept reachable,
   // so a leak checker does not count it.
-  static std::atomic<synchronized*> abandoned{nullptr};
+  static std::atomic<shard_set*> abandoned{nullptr};
   if (s_ && s_->forked()) {
-    synchronized* s = s_.release();
+    shard_set* s = s_.release();
     s->next_abandoned = abandoned.load(std::memory_order_relaxed);
     while (!abandoned.compare_exchange_weak(s->next_abandoned, s, std::memory_order_relaxed)) {
     }
@@ -73,18 +74,20 @@ shuffler::~shuffler() {
 handle shuffler::alloc_bytes(std::size_t bytes, std::size_t alignment) {
   if (bytes > detail::handle_table::max_entry_size)
     throw type_error("memshuffle: entry of " + std::to_string(bytes) + " bytes is too large");
-  auto lk = s_->lock();
+  synchronized& s = s_->for_alloc();
+  auto lk = s.lock();
   // Refused now: sealing it would fail only when its first lease ends, which cannot
   // throw, and the entry would stay plaintext.
-  if (s_->core.tag_bytes != 0 && bytes > gcm_max_entry)
+  if (s.core.tag_bytes != 0 && bytes > gcm_max_entry)
     throw type_error("memshuffle: entry of " + std::to_string(bytes) +
                      " bytes is larger than one AES-GCM message can be (2^36 - 32 bytes)");
-  return s_->core.alloc(bytes, alignment);
+  return s.core.alloc(bytes, alignment);
 }
 
 void shuffler::free(handle h) {
-  auto lk = s_->lock();
-  s_->cv.wait(lk, [&] { return s_->core.free(h); });
+  synchronized& s = s_->of(h);
+  auto lk = s.lock();
+  s.cv.wait(lk, [&] { return s.core.free(h); });
 }
 
 shuffler::rented shuffler::synchronized::rent(handle h, std::size_t size, std::size_t alignment) {
@@ -127,12 +130,13 @@ void shuffler::synchronized::maybe_rotate(std::unique_lock<std::mutex>& lk) noex
 }
 
 shuffler::rented shuffler::rent_bytes(handle h, std::size_t size, std::size_t alignment) {
-  return s_->rent(h, size, alignment);
+  return s_->of(h).rent(h, size, alignment);
 }
 
 void shuffler::return_pointer(handle h) {
-  auto lk = s_->lock();
-  s_->give_back(lk, h);
+  synchronized& s = s_->of(h);
+  auto lk = s.lock();
+  s.give_back(lk, h);
 }
 
 void detail::end_lease(shuffler& owner, handle h) noexcept {
@@ -146,8 +150,10 @@ void detail::end_lease(shuffler& owner, handle h) noexcept {
 
 void detail::free_when_returned(shuffler& owner, handle h) noexcept {
   if (owner.s_->forked()) return;
-  std::lock_guard lk(owner.s_->m);
-  owner.s_->core.free_when_returned(h);
+  auto* s = owner.s_->find(h);
+  if (s == nullptr) return;
+  std::lock_guard lk(s->m);
+  s->core.free_when_returned(h);
 }
 
 void shuffler::read(handle h, std::span<std::byte> out) {
@@ -172,14 +178,17 @@ void shuffler::write(handle h, std::span<const std::byte> in) {
 
 bool shuffler::valid(handle h) const noexcept {
   if (s_->forked()) return false;
-  std::lock_guard lk(s_->m);
-  const detail::entry* e = s_->core.table.find(h);
+  const synchronized* s = s_->find(h);
+  if (s == nullptr) return false;
+  std::lock_guard lk(s->m);
+  const detail::entry* e = s->core.table.find(h);
   return e != nullptr && !e->free_on_return;
 }
 
 std::size_t shuffler::size_of(handle h) const {
-  auto lk = s_->lock();
-  return s_->core.find_live(h).size;
+  synchronized& s = s_->of(h);
+  auto lk = s.lock();
+  return s.core.find_live(h).size;
 }
 
 void shuffler::synchronized::shuffle_in_parts(std::unique_lock<std::mutex>& lk) {
@@ -200,33 +209,21 @@ void shuffler::synchronized::shuffle_in_parts(std::unique_lock<std::mutex>& lk) 
 }
 
 void shuffler::shuffle() {
-  auto lk = s_->lock();
-  s_->shuffle_in_parts(lk);
+  s_->check_fork();
+  s_->each([](synchronized& s) {
+    auto lk = s.lock();
+    s.shuffle_in_parts(lk);
+  });
 }
 
-void shuffler::shuffle(std::size_t budget) {
-  auto lk = s_->lock();
-  s_->core.shuffle(budget);
-}
+void shuffler::shuffle(std::size_t budget) { s_->step(budget); }
 
-void shuffler::set_shuffle_on_return(bool on) {
-  auto lk = s_->lock();
-  s_->core.on_return = on;
-}
+void shuffler::set_shuffle_on_return(bool on) { s_->set_on_return(on); }
 
-void shuffler::rotate_key() {
-  auto lk = s_->lock();
-  s_->rotate(lk, nullptr, nullptr);
-}
+void shuffler::rotate_key() { s_->rotate(nullptr, nullptr); }
 
-void shuffler::rotate_key(const key_type& key, const salt_type& salt) {
-  auto lk = s_->lock();
-  s_->rotate(lk, &key, &salt);
-}
+void shuffler::rotate_key(const key_type& key, const salt_type& salt) { s_->rotate(&key, &salt); }
 
-shuffler_stats shuffler::stats() const {
-  auto lk = s_->lock();
-  return s_->core.stats();
-}
+shuffler_stats shuffler::stats() const { return s_->stats(); }
 
 }  // namespace memshuffle

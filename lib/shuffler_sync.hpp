@@ -80,7 +80,6 @@ struct shuffler::synchronized {
   std::condition_variable cv;  // an entry left opening or sealing
   const std::uint64_t epoch = detail::fork_epoch();
   impl core;
-  synchronized* next_abandoned = nullptr;  // in a child of fork(): kept, never destroyed
 };
 
 }  // namespace memshuffle

@@ -2,7 +2,9 @@
 // shuffler: a handle-based, relocating allocator whose entries are encrypted at rest.
 // Entries live in arenas over an upstream memory_resource; a lease pins one entry and
 // shows it as plaintext; shuffle() moves the unpinned entries to fresh arenas and gives
-// emptied arenas back. Every public member may be called from several threads at once.
+// emptied arenas back. Every public member may be called from several threads at once;
+// the shuffler is split in shards (shuffler_options::shards) so that threads using
+// their own entries do not wait for each other.
 //
 // Errors: invalid_handle_error for an invalid, stale, freed or foreign handle;
 // lease_error for a return without a rent and a free of a rented entry; type_error for a
@@ -28,6 +30,11 @@ namespace memshuffle {
 namespace detail {
 // Frees h now, or when its last lease ends if it is rented; never throws (for sealed<T>).
 void free_when_returned(shuffler& owner, handle h) noexcept;
+
+// Sets the ordinal of the calling thread: its allocations go to shard ordinal %
+// shuffler_options::shards of any shuffler. Every thread gets one by itself, in the
+// order threads first allocate; tests and the fuzzer set it to place entries at will.
+void set_thread_ordinal(std::size_t ordinal) noexcept;
 
 // Entries are moved with memcpy, so only trivially copyable, non-empty object types.
 template <class T>
@@ -168,13 +175,14 @@ class shuffler {
   };
   struct impl;
   struct synchronized;
+  struct shard_set;
 
   handle alloc_bytes(std::size_t bytes, std::size_t alignment);
   rented rent_bytes(handle h, std::size_t size, std::size_t alignment);
 
   friend void detail::free_when_returned(shuffler&, handle) noexcept;
 
-  std::unique_ptr<synchronized> s_;
+  std::unique_ptr<shard_set> s_;
 };
 
 }  // namespace memshuffle

@@ -41,6 +41,12 @@ struct shuffler_options {
   bool plaintext_in_place = false;
   /// Take a fresh random key after this many encryptions under the current one; 0 = never.
   std::size_t rotate_key_every = 0;
+  /// Independent parts (1 to 64), each with its own lock, handle table, heap and key:
+  /// a thread allocates in the shard of its ordinal, and every other call on an entry
+  /// goes to the entry's shard, so threads that use their own entries do not wait for
+  /// each other. Shards are made when a thread first needs one; a process with one
+  /// thread uses one. 1: one lock for everything.
+  std::size_t shards = 8;
 };
 
 /// What a shuffler holds and has done.
