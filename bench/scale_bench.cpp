@@ -19,6 +19,7 @@
 #include <ctime>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -247,41 +248,69 @@ void BM_growth_64B(benchmark::State& state) {
 BENCHMARK(BM_growth_64B)->ArgName("entries")->Arg(10'000)->Arg(10'000'000)->Iterations(1)
     ->Unit(benchmark::kMillisecond);
 
-// rent+return of 64-byte entries, each thread its own entries, against the thread count.
+// The thread sweeps: one shuffler per benchmark and shard count, kept for every thread
+// count (made once, ended at exit). Argument: shards (1 is one lock for everything).
+shuffler& sweep_shuffler(std::int64_t shards, bool churn) {
+  // Churn: freed entries are dropped by the ratio policy's compaction as they pile up.
+  static shuffler rent_one({.shards = 1}), rent_many;
+  static shuffler churn_one({.shuffle_above_ratio = 2, .shards = 1}), churn_many({.shuffle_above_ratio = 2});
+  if (churn) return shards == 1 ? churn_one : churn_many;
+  return shards == 1 ? rent_one : rent_many;
+}
+
+// rent+return of 64-byte entries against the thread count, each thread renting 1024
+// entries it allocated itself (with shards: in its own shard) before its timing began.
 void BM_rent_return_threads_64B(benchmark::State& state) {
-  static shuffler* s = nullptr;
-  static std::vector<std::vector<handle>> mine;
-  if (state.thread_index() == 0) {
-    s = new shuffler();
-    mine.assign(static_cast<std::size_t>(state.threads()), {});
-    for (auto& hs : mine) hs = fill(*s, 1024, 64);
-  }
+  shuffler& s = sweep_shuffler(state.range(0), false);
+  const std::vector<handle> hs = fill(s, 1024, 64);
   std::size_t i = 0;
   for (auto _ : state) {
-    const auto& hs = mine[static_cast<std::size_t>(state.thread_index())];
-    auto lease = s->rent<std::byte>(hs[i++ % hs.size()]);
+    auto lease = s.rent<std::byte>(hs[i++ % hs.size()]);
     benchmark::DoNotOptimize(lease.get()[0]);
   }
   state.SetItemsProcessed(state.iterations());
-  if (state.thread_index() == 0) {
-    delete s;
-    s = nullptr;
-  }
+  for (const handle h : hs) s.free(h);
 }
-BENCHMARK(BM_rent_return_threads_64B)->Threads(1)->Threads(2)->Threads(4)->Threads(8)->UseRealTime()
-    ->Repetitions(5)->ReportAggregatesOnly(true);
 
-// The goal reporter, which also keeps the thread sweep's medians (the goal reporter
+// alloc+free of 64-byte entries against the thread count.
+void BM_alloc_free_threads_64B(benchmark::State& state) {
+  shuffler& s = sweep_shuffler(state.range(0), true);
+  for (auto _ : state) {
+    const handle h = s.alloc<std::byte>(64);
+    benchmark::DoNotOptimize(h);
+    s.free(h);
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+
+void thread_sweep(benchmark::internal::Benchmark* b) {
+  b->ArgName("shards")->Arg(1)->Arg(8)->ThreadRange(1, 8)->UseRealTime()->Repetitions(5)->ReportAggregatesOnly(true);
+}
+BENCHMARK(BM_rent_return_threads_64B)->Apply(thread_sweep);
+BENCHMARK(BM_alloc_free_threads_64B)->Apply(thread_sweep);
+
+// The goal reporter, which also keeps the thread sweeps' medians (the goal reporter
 // keys runs by name and arguments, which the thread counts share).
 class sweep_reporter : public memshuffle::bench::goal_reporter {
  public:
   using goal_reporter::goal_reporter;
-  std::map<std::string, double> per_second;  // by "threads:N"
+  // By "function/shards:N", then by thread count.
+  std::map<std::string, std::map<int, double>> per_second;
   void ReportRuns(const std::vector<Run>& runs) override {
-    for (const auto& r : runs)
-      if (r.aggregate_name == "median" && r.run_name.function_name == "BM_rent_return_threads_64B")
-        per_second[r.run_name.threads] = r.counters.at("items_per_second").value;
+    for (const auto& r : runs) {
+      const auto& n = r.run_name;
+      if (r.aggregate_name == "median" && n.function_name.find("_threads_") != std::string::npos)
+        per_second[n.function_name + "/" + n.args][static_cast<int>(r.threads)] =
+            r.counters.at("items_per_second").value;
+    }
     goal_reporter::ReportRuns(runs);
+  }
+  std::optional<double> at(const std::string& sweep, int threads) const {
+    const auto s = per_second.find(sweep);
+    if (s == per_second.end()) return std::nullopt;
+    const auto t = s->second.find(threads);
+    if (t == s->second.end()) return std::nullopt;
+    return t->second;
   }
 };
 
@@ -320,10 +349,31 @@ int main(int argc, char** argv) {
     const auto a = reporter.counter(small, what), b = reporter.counter(large, what);
     print_goal((std::string("growth 10M / 10k entries, ") + what).c_str(), ratio(b, a), "x", goal{1.5, true});
   }
+  using memshuffle::bench::ratio;
+  for (const char* shards : {"8", "1"}) {
+    for (const char* op : {"rent_return", "alloc_free"}) {
+      const std::string sweep = std::string("BM_") + op + "_threads_64B/shards:" + shards;
+      const bool goals = std::string(shards) == "8";
+      std::printf("  %s, 64 B, %s shard(s), throughput:\n", op, shards);
+      const double need = std::string(op) == "rent_return" ? 1.7 : 1.5;
+      print_goal("    2 threads / 1 thread", ratio(reporter.at(sweep, 2), reporter.at(sweep, 1)), "x",
+                 goals ? std::optional<goal>(goal{need, false}) : std::nullopt);
+      for (const int t : {4, 8})
+        print_goal(("    " + std::to_string(t) + " threads / 2 threads").c_str(),
+                   ratio(reporter.at(sweep, t), reporter.at(sweep, 2)), "x", goals ? std::optional<goal>(goal{0.9, false}) : std::nullopt);
+    }
+  }
   if (!csv_dir.empty()) {
     std::ofstream out(csv_dir + "/threads.csv");
-    out << "threads,rent_return_per_second\n";
-    for (const auto& [threads, v] : reporter.per_second) out << threads.substr(threads.find(':') + 1) << ',' << v << '\n';
+    out << "threads,rent_return_8_shards,rent_return_1_shard,alloc_free_8_shards,alloc_free_1_shard\n";
+    for (const int t : {1, 2, 4, 8})
+    {
+      out << t;
+      for (const char* sweep : {"BM_rent_return_threads_64B/shards:8", "BM_rent_return_threads_64B/shards:1",
+                                "BM_alloc_free_threads_64B/shards:8", "BM_alloc_free_threads_64B/shards:1"})
+        out << ',' << reporter.at(sweep, t).value_or(0);
+      out << '\n';
+    }
   }
   benchmark::Shutdown();
 }
