@@ -68,15 +68,19 @@ struct config {
   int threads;
   cipher_kind cipher;
   bool on_return;
+  std::size_t shards = shuffler_options{}.shards;
+  bool upstream_thread_safe = true;  // false: the shards must serialize their calls
 };
 
 void run(const config& cfg, std::uint64_t seed) {
-  tracking_resource upstream;  // thread safe by default
+  // Not thread safe when asked: the thread sanitizer then sees any call the shards
+  // make into it at once.
+  tracking_resource upstream(tracking_options{.thread_safe = cfg.upstream_thread_safe});
   failures fails;
   std::size_t private_left = 0, private_bytes = 0;
   std::optional<shuffler> owner;
   owner.emplace(shuffler_options{.cipher = cfg.cipher, .shuffle_on_return = cfg.on_return,
-                                 .arena_size = 4096},
+                                 .arena_size = 4096, .shards = cfg.shards},
                 &upstream);
   shuffler& s = *owner;
   std::vector<shared_entry> shared(8);
@@ -246,9 +250,11 @@ TEST_CASE("many threads renting, writing, freeing, shuffling and rotating keys l
   for (const config cfg : {config{2, cipher_kind::aes_256_ctr, false},
                            config{4, cipher_kind::aes_256_gcm, true},
                            config{8, cipher_kind::aes_256_ctr, true},
-                           config{3, cipher_kind::none, false}}) {
+                           config{3, cipher_kind::none, false},
+                           config{4, cipher_kind::aes_256_ctr, false, 1},
+                           config{5, cipher_kind::aes_256_ctr, true, 3, false}}) {
     INFO(cfg.threads, " threads, cipher ", static_cast<int>(cfg.cipher), ", shuffle on return ",
-         cfg.on_return);
+         cfg.on_return, ", ", cfg.shards, " shards, upstream thread safe ", cfg.upstream_thread_safe);
     run(cfg, seed);
   }
 }
