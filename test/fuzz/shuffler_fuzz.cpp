@@ -2,9 +2,10 @@
 // create, rent (leases of several types, nested), rent_pointer/return_pointer, write,
 // read, free, full and incremental shuffles, key rotations, failing upstream calls,
 // and misuse (stale, garbage and foreign handles, wrong types, returns without a
-// rent). After every operation each entry must hold exactly what a simple model says,
-// every misuse must get its documented error and change nothing, and at the end
-// nothing may be left with the upstream.
+// rent), in one to four shards, each entry allocated as a thread of some ordinal.
+// After every operation each entry must hold exactly what a simple model says, every
+// misuse must get its documented error and change nothing, and at the end nothing may
+// be left with the upstream.
 #include <memshuffle/shuffler.hpp>
 #include <memshuffle/tracking_resource.hpp>
 
@@ -114,6 +115,7 @@ class shuffler_fuzz {
       default: o.plaintext_in_place = true; break;
     }
     o.rotate_key_every = in_.ConsumeBool() ? in_.ConsumeIntegralInRange<std::size_t>(1, 32) : 0;
+    o.shards = in_.ConsumeIntegralInRange<std::size_t>(1, 4);
     return o;
   }
 
@@ -142,6 +144,8 @@ class shuffler_fuzz {
   void alloc_any() {
     if (entries_.size() >= 48) return;
     const auto n = in_.ConsumeIntegralInRange<std::size_t>(1, 40);
+    // As a thread of another ordinal: the entry goes to that thread's shard.
+    memshuffle::detail::set_thread_ordinal(in_.ConsumeIntegralInRange<std::size_t>(0, 5));
     switch (in_.ConsumeIntegralInRange(0, 6)) {
       case 0: alloc<std::byte>(n * 8); break;
       case 1: alloc<std::uint32_t>(n); break;
