@@ -63,9 +63,8 @@ bool shuffler::impl::begin_rotation(const key_type* key, const salt_type* salt, 
                                     std::vector<reseal>& batch) {
   // Everything that can fail for want of memory comes before the new key: sized for
   // the entries there are now (a larger one created later grows the scratch then).
-  std::size_t total = 0;
-  for (std::uint32_t i = 0; i < table.slots(); ++i)
-    if (table[i].live()) total += stored_bytes(table[i]);
+  // (The counters give the live bytes as stored at once: no walk over the slots.)
+  const std::size_t total = counters.live_bytes + counters.live_entries * tag_bytes;
   if (encrypting && total != 0) scratch.reset(std::min(total, rotation_batch_bytes));
   batch.reserve(encrypting ? rotation_batch_entries : 0);
   keys.rotate_to(key, salt);  // the last step that can fail before any change
