@@ -1,6 +1,7 @@
 // The shuffler's moves: the full shuffle, the compaction of the policies, the
 // incremental shuffle and the move of one entry on its return (docs/design.md, "Heap").
 // All run under the shuffler's lock.
+#include <array>
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -243,14 +244,43 @@ void shuffler::impl::shuffle(std::size_t budget) {
   std::uint64_t cursor = starting ? 0 : pass.cursor;
   moves.clear(), reqs.clear(), doomed.clear(), sources.clear();
   std::size_t planned = 0, idle = 0;  // idle: slots visited with nothing to move
-  constexpr std::uint64_t ahead = 8;  // slots are visited at random: ask for them early
+  // The slots are visited at random, and each visit misses the cache and the TLB for
+  // the slot, the entry's arena record and the entry's bytes (read when it moves). So
+  // the visits are a pipeline: a slot is asked for 2 * ahead visits early; ahead visits
+  // early it is read, its arena found, and the arena record and the bytes asked for.
+  constexpr std::uint64_t ahead = 8, depth = 2 * ahead;
+  struct looked {
+    std::uint32_t i;
+    detail::heap::where w;
+  };
+  std::array<std::uint32_t, depth> slot_at{};
+  std::array<looked, ahead> looked_at{};
+  const auto ask = [&](std::uint64_t k) {
+    const auto i = static_cast<std::uint32_t>(order(k));
+    slot_at[k % depth] = i;
+    __builtin_prefetch(&table[i]);
+  };
+  const auto look = [&](std::uint64_t k) {
+    const std::uint32_t i = slot_at[k % depth];
+    const entry& e = table[i];
+    detail::heap::where w;
+    if (e.st() == entry_state::at_rest) {
+      w = heap.locate(e.data);
+      detail::heap::prefetch(w);
+      __builtin_prefetch(e.data);
+    }
+    looked_at[k % ahead] = {i, w};
+  };
+  const std::uint64_t end = order.size();
+  for (std::uint64_t k = cursor; k < std::min(cursor + depth, end); ++k) ask(k);
+  for (std::uint64_t k = cursor; k < std::min(cursor + ahead, end); ++k) look(k);
   for (const std::uint64_t first = cursor;
-       cursor < order.size() && (cursor == first || planned + idle * slot_visit_bytes < budget); ++cursor) {
-    if (cursor + ahead < order.size()) __builtin_prefetch(&table[static_cast<std::uint32_t>(order(cursor + ahead))]);
-    const auto i = static_cast<std::uint32_t>(order(cursor));
+       cursor < end && (cursor == first || planned + idle * slot_visit_bytes < budget); ++cursor) {
+    if (cursor + depth < end) ask(cursor + depth);
+    const auto [i, w] = looked_at[cursor % ahead];
+    if (cursor + ahead < end) look(cursor + ahead);
     const entry& e = table[i];
     if (e.st() == entry_state::doomed) doomed.push_back(i);
-    const detail::heap::where w = e.st() == entry_state::at_rest ? heap.locate(e.data) : detail::heap::where{};
     if (e.st() != entry_state::at_rest || heap.serial_of(w) >= serial) {
       ++idle;  // unused, freed, pinned, or placed since the pass began
       continue;
