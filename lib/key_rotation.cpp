@@ -31,7 +31,13 @@ void shuffler::synchronized::rotate(std::unique_lock<std::mutex>& lk, const key_
           return batch.empty() ? work_at::nowhere : work_at::outside;
         },
         [&] {
-          for (impl::reseal& r : batch) core.reencrypt(r, *to, scratch.bytes());
+          // The entries lie all over the heap: each one's bytes are asked for early.
+          constexpr std::size_t ahead = 8;
+          for (std::size_t k = 0; k < std::min(ahead, batch.size()); ++k) __builtin_prefetch(batch[k].data, 1);
+          for (std::size_t k = 0; k < batch.size(); ++k) {
+            if (k + ahead < batch.size()) __builtin_prefetch(batch[k + ahead].data, 1);
+            core.reencrypt(batch[k], *to, scratch.bytes());
+          }
         },
         [&] {
           whole = core.commit_batch(batch, batch.front().to_id);
@@ -92,6 +98,7 @@ std::uint32_t shuffler::impl::mark_batch(std::uint32_t cursor, std::vector<resea
     used += room;
   }
   k.sealing += batch.size();
+  if (full_active()) full.unsettled += batch.size();
   return cursor;
 }
 

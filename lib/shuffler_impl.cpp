@@ -206,6 +206,7 @@ shuffler::impl::pinned shuffler::impl::pin_for_rent(open_job& job) {
     throw lease_error("memshuffle: too many leases open on one entry");
   job.index = table.index_of(job.h);
   const bool first = e.st() == entry_state::at_rest;
+  if (first && full_active()) ++full.unsettled;
   if (first && needs_work()) {
     // The window is taken now: this can throw, and nothing has changed yet.
     if (window_resource != nullptr) job.window = take_window(e);
