@@ -93,7 +93,7 @@ struct shuffler::impl {
   std::vector<detail::move> plan;  // a full shuffle's moves, by source arena, in slot order
   std::vector<detail::move> sort_scratch;  // sort_by_address's
   std::vector<detail::window> windows;
-  std::vector<std::byte*> stays, dest;
+  std::vector<std::byte*> dest;
   std::vector<detail::request> reqs;
   std::vector<detail::heap::where> sources;  // an incremental step's: the moves' arenas
 
@@ -174,9 +174,8 @@ struct shuffler::impl {
 
   struct full_state {
     // grow: the plan's room, a part at a time; gather: the slots, a part at a time, the
-    // entries at rest to their arena's run of plan (each run as long as the arena's
-    // entries, so nothing is sorted), the freed ones to doomed, the pinned ones to
-    // stays; windows: one per arena with entries to move; sort: each window by address;
+    // entries at rest or pinned to their arena's run of plan (each run as long as the
+    // arena's entries, so nothing is sorted), the freed ones to doomed; windows: one per arena with entries to move; sort: each window by address;
     // begin: the heap's plan begins; move: planned and moved a part at a time; drop:
     // the freed entries; end: the heap settles.
     enum class phase : std::uint8_t { idle, grow, gather, windows, sort, begin, move, drop, end };
