@@ -112,8 +112,8 @@ class heap {
   // returns how many (0: every move is planned). Sets each move's destination, opening
   // fresh arenas only when no destination has room. A move whose entry keep says must
   // stay, or that finds no room when the upstream fails, stays where it is: its `to`
-  // is null and its arena keeps it (a destination's room then ends below it). So once
-  // begun, a shuffle always completes.
+  // is null and its arena keeps it (a destination's writes pass over it later). So
+  // once begun, a shuffle always completes.
   std::size_t plan_part(std::span<move> moves, std::span<const window> windows, layout_rng* rng, keep_test keep,
                         std::span<std::uint32_t> sequence);
   // begin_shuffle and a plan of every move at once into sequence, nothing kept; on

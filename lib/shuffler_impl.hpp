@@ -159,11 +159,12 @@ struct shuffler::impl {
 
   // A full shuffle, rolling (docs/design.md, "Heap"): the entries at rest leave their
   // arenas interleaved at random, each into room that entries read before it left, so
-  // the upstream holds the heap plus a few arenas at the peak. It runs in parts of
-  // bounded work (begin_full(), then shuffle_part() until it returns false), and the
-  // caller may release the lock between parts: meanwhile the heap is held (arenas keep
-  // their numbers, new entries go to arenas of their own), and an entry pinned when its
-  // turn comes stays where it is. shuffle() runs every part at once.
+  // the upstream holds the heap plus two arenas at the peak (pinned entries or not). It
+  // runs in parts of bounded work (begin_full(), then shuffle_part() until it returns
+  // false), and the caller may release the lock between parts: meanwhile the heap is
+  // held (arenas keep their numbers, new entries go to arenas of their own), and an
+  // entry pinned when its turn comes stays where it is. shuffle() runs every part at
+  // once.
   void shuffle();
   // Throws std::bad_alloc, nothing changed.
   void begin_full();
