@@ -244,15 +244,18 @@ bool heap::reserve_gap() noexcept {
 
 // Returns false when the upstream failed and absorb is set (the entry then stays).
 bool heap::place_move(move& m, layout_rng* rng, bool absorb) {
+  std::uintptr_t at = 0;
   try {
     if (m.bytes > arena_size_) {
       place_alone(m);
       return true;
     }
-    if (!has_filling_ || !fits(filling_, m)) {
+    at = has_filling_ ? spot(filling_, m) : 0;
+    if (at == 0) {
       std::uint32_t next = pick_roomy(m, rng);
       if (next == none) next = open_destination(std::size_t{1} << m.align_log2);
-      if (!fits(next, m)) {
+      at = spot(next, m);
+      if (at == 0) {
         place_alone(m);  // too large for an empty arena once aligned
         return true;
       }
@@ -264,7 +267,6 @@ bool heap::place_move(move& m, layout_rng* rng, bool absorb) {
     return false;
   }
   planned& d = plan_[filling_];
-  const std::uintptr_t at = spot(filling_, m);
   // Pass over the kept entries below at: the bytes left below each are wiped at the end.
   while (d.barrier != none && reinterpret_cast<std::uintptr_t>(kept_moves_[d.barrier].from) < at) {
     const move& b = kept_moves_[d.barrier];
@@ -287,6 +289,10 @@ bool heap::place_move(move& m, layout_rng* rng, bool absorb) {
 // it does not fit below; 0 when the room cannot take it.
 std::uintptr_t heap::spot(std::uint32_t number, const move& m) const noexcept {
   const planned& d = plan_[number];
+  if (d.barrier == none) {  // no kept entry in the way: the common case
+    const std::uintptr_t at = align_up(d.w, m.align_log2);
+    return at >= d.w && at <= d.f && d.f - at >= m.bytes ? at : 0;
+  }
   std::uintptr_t w = d.w;
   for (std::uint32_t b = d.barrier;; b = kept_moves_[b].align_log2) {
     const std::uintptr_t end = b != none ? reinterpret_cast<std::uintptr_t>(kept_moves_[b].from) : d.f;
