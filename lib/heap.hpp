@@ -11,6 +11,7 @@
 #include <memory>
 #include <memory_resource>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include <memshuffle/arena_resource.hpp>
@@ -113,8 +114,8 @@ class heap {
   // returns how many (0: every move is planned). Sets each move's destination, opening
   // fresh arenas only when no destination has room. A move whose entry keep says must
   // stay, or that finds no room when the upstream fails, stays where it is: its `to`
-  // is null and its arena keeps it (a destination's room then ends below it). So once
-  // begun, a shuffle always completes.
+  // is null and its arena keeps it (a destination's writes pass over it later). So
+  // once begun, a shuffle always completes.
   std::size_t plan_part(std::span<move> moves, std::span<const window> windows, layout_rng* rng, keep_test keep,
                         std::span<std::uint32_t> sequence);
   // begin_shuffle and a plan of every move at once into sequence, nothing kept; on
@@ -156,14 +157,18 @@ class heap {
     std::uint32_t roomy = 0;   // its index in roomy_ plus one, 0 when not there
     std::uint32_t written = 0; // entries placed here
     std::uint32_t moved = 0;   // entries that leave it
-    std::uint32_t kept = 0;    // entries kept in place when their turn came, listed from
-    std::uint32_t kept_head = ~std::uint32_t{0};  // this move through align_log2
+    std::uint32_t kept = 0;    // entries kept in place when their turn came, listed by
+    std::uint32_t kept_first = ~std::uint32_t{0};  // ascending address from this move
+    std::uint32_t kept_last = ~std::uint32_t{0};   // through align_log2
+    // A destination's lowest kept entry at or above w: the room runs on above it, and
+    // the writes pass over it (the bytes left below it noted in gaps_).
+    std::uint32_t barrier = ~std::uint32_t{0};
     std::uint8_t role = 0;
   };
   enum : std::uint8_t {
     keeps_entry = 1, has_window = 2, destination = 4, placed_alone = 8,
-    kept_late = 16,  // an entry was kept in place when its turn came
-    outside = 32     // opened for allocations during the shuffle: not the shuffle's
+    room_capped = 16,  // the room ends below a kept entry for good (no memory to note a gap)
+    outside = 32       // opened for allocations during the shuffle: not the shuffle's
   };
 
   arena& open_arena(std::size_t capacity);
@@ -184,7 +189,9 @@ class heap {
   void settle_destination(std::span<const move> moves, std::uint32_t number) noexcept;
   void wipe_except_kept(std::span<const move> moves, std::uint32_t number, std::uintptr_t begin,
                         std::uintptr_t end) noexcept;
-  bool fits(std::uint32_t number, const move& m) const noexcept;
+  std::uintptr_t spot(std::uint32_t number, const move& m) const noexcept;
+  bool fits(std::uint32_t number, const move& m) const noexcept { return spot(number, m) != 0; }
+  bool reserve_gap() noexcept;
   std::uint32_t pick_roomy(const move& m, layout_rng* rng) noexcept;
   void set_room(std::uint32_t number, std::uintptr_t f) noexcept;
   std::uint32_t open_destination(std::size_t alignment);
@@ -221,6 +228,11 @@ class heap {
   std::uint32_t filling_ = 0;              // the destination being filled, if any
   bool has_filling_ = false;
   bool keeps_any_ = false;                 // an arena keeps an entry that stays
+  const move* kept_moves_ = nullptr;       // the plan's moves, for the barriers' chains
+  // The bytes a destination's writes passed over below a kept entry: wiped at the end.
+  // Reserved as entries are kept (gap_slots_ of them), so a move never allocates.
+  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> gaps_;
+  std::size_t gap_slots_ = 0;
   bool holding_ = false;                   // hold(): no arena given back
   std::size_t held_ = 0;                   // the arenas open at hold(): the shuffle's
   // The plan's progress between parts: the windows drawn ahead (at random), or the

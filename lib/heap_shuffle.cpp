@@ -41,6 +41,9 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
   crediting_.reserve(windows.size()), draining_.reserve(windows.size());
   for (std::byte* p : stay) plan_[arena_number(p)].role |= keeps_entry;
   keeps_any_ = !stay.empty();
+  gaps_.clear();
+  gap_slots_ = 0;
+  kept_moves_ = moves.data();
   total_ = 0;
   for (std::uint32_t i = 0; i < windows.size(); ++i) {
     const window& w = windows[i];
@@ -193,36 +196,66 @@ void heap::retire(std::span<const window> windows, std::uint32_t wi) noexcept {
 std::uint32_t heap::take(std::span<move> moves, const window& w, std::uint32_t& cursor, layout_rng* rng,
                          keep_test keep, bool absorb) {
   const std::uint32_t k = cursor++;
+  kept_moves_ = moves.data();
   // Placed before its own room is counted: it cannot land on itself.
-  if (keep(moves[k]) || !place_move(moves[k], rng, absorb)) keep_in_place(moves, k, w.arena);
-  if ((plan_[w.arena].role & (destination | kept_late)) == destination)
+  const bool kept = keep(moves[k]) || !place_move(moves[k], rng, absorb);
+  if (kept) keep_in_place(moves, k, w.arena);
+  if ((plan_[w.arena].role & (destination | room_capped)) == destination) {
     set_room(w.arena, cursor < w.last ? reinterpret_cast<std::uintptr_t>(moves[cursor].from) : arenas_[w.arena]->limit);
+    if (kept) room_ -= moves[k].bytes;  // inside [w, f), but no room
+  }
   return k;
 }
 
-// The entry stays: its arena keeps it, and a destination's room ends below it for good
-// (the room is one range at the arena's front).
+// The entry stays: its arena keeps it. A destination's room runs on above it (its
+// writes pass over it later), unless no gap can be noted: then the room ends below it
+// for good. Either way no write lands on it: the room [w, f) ends at its address now.
 void heap::keep_in_place(std::span<move> moves, std::uint32_t k, std::uint32_t number) noexcept {
   planned& p = plan_[number];
   moves[k].to = nullptr;
-  moves[k].align_log2 = p.kept_head;
-  p.kept_head = k;
+  moves[k].align_log2 = none;
+  if (p.kept_last != none)
+    moves[p.kept_last].align_log2 = k;  // entries are taken in address order
+  else
+    p.kept_first = k;
+  p.kept_last = k;
   ++p.kept;
   --p.moved;
-  p.role |= kept_late;
+  if (!(p.role & destination) || (p.role & room_capped)) return;
+  if (!reserve_gap()) {
+    p.role |= room_capped;
+  } else if (p.barrier == none) {
+    p.barrier = k;  // every kept entry before it lies below w
+  }
+}
+
+// Room for one more gap, so that passing over a kept entry never allocates.
+bool heap::reserve_gap() noexcept {
+  if (gap_slots_ == gaps_.capacity()) {
+    try {
+      gaps_.reserve(2 * gap_slots_ + 8);
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+  }
+  ++gap_slots_;
+  return true;
 }
 
 // Returns false when the upstream failed and absorb is set (the entry then stays).
 bool heap::place_move(move& m, layout_rng* rng, bool absorb) {
+  std::uintptr_t at = 0;
   try {
     if (m.bytes > arena_size_) {
       place_alone(m);
       return true;
     }
-    if (!has_filling_ || !fits(filling_, m)) {
+    at = has_filling_ ? spot(filling_, m) : 0;
+    if (at == 0) {
       std::uint32_t next = pick_roomy(m, rng);
       if (next == none) next = open_destination(std::size_t{1} << m.align_log2);
-      if (!fits(next, m)) {
+      at = spot(next, m);
+      if (at == 0) {
         place_alone(m);  // too large for an empty arena once aligned
         return true;
       }
@@ -234,7 +267,15 @@ bool heap::place_move(move& m, layout_rng* rng, bool absorb) {
     return false;
   }
   planned& d = plan_[filling_];
-  const std::uintptr_t at = align_up(d.w, m.align_log2);
+  // Pass over the kept entries below at: the bytes left below each are wiped at the end.
+  while (d.barrier != none && reinterpret_cast<std::uintptr_t>(kept_moves_[d.barrier].from) < at) {
+    const move& b = kept_moves_[d.barrier];
+    const auto from = reinterpret_cast<std::uintptr_t>(b.from);
+    if (from > d.w) gaps_.emplace_back(d.w, from);  // reserved when b was kept
+    room_ -= from - d.w;
+    d.w = from + b.bytes;
+    d.barrier = b.align_log2;
+  }
   m.to = reinterpret_cast<std::byte*>(at);
   m.align_log2 = static_cast<std::uint32_t>(at - d.w);  // from now on: the padding
   room_ -= at + m.bytes - d.w;
@@ -244,10 +285,23 @@ bool heap::place_move(move& m, layout_rng* rng, bool absorb) {
   return true;
 }
 
-bool heap::fits(std::uint32_t number, const move& m) const noexcept {
+// Where m goes in a destination's room: at its write pointer, or past the kept entries
+// it does not fit below; 0 when the room cannot take it.
+std::uintptr_t heap::spot(std::uint32_t number, const move& m) const noexcept {
   const planned& d = plan_[number];
-  const std::uintptr_t at = align_up(d.w, m.align_log2);
-  return at >= d.w && at <= d.f && d.f - at >= m.bytes;
+  if (d.barrier == none) {  // no kept entry in the way: the common case
+    const std::uintptr_t at = align_up(d.w, m.align_log2);
+    return at >= d.w && at <= d.f && d.f - at >= m.bytes ? at : 0;
+  }
+  std::uintptr_t w = d.w;
+  for (std::uint32_t b = d.barrier;; b = kept_moves_[b].align_log2) {
+    const std::uintptr_t end = b != none ? reinterpret_cast<std::uintptr_t>(kept_moves_[b].from) : d.f;
+    const std::uintptr_t at = align_up(w, m.align_log2);
+    if (at >= w && at <= end && end - at >= m.bytes) return at;
+    if (b == none) return 0;
+    w = end + kept_moves_[b].bytes;
+    if (w > d.f) return 0;  // the room ends below it (room_capped)
+  }
 }
 
 // A destination with room for m: drawn at random among those with room (a few draws,
@@ -389,9 +443,22 @@ void heap::drop(std::byte* p, std::size_t bytes) noexcept {
   --arenas_[number]->entries;
 }
 
+namespace {
+// Wipes and poisons [from, to).
+void wipe_range(std::uintptr_t from, std::uintptr_t to) noexcept {
+  if (to <= from) return;
+  auto* p = reinterpret_cast<std::byte*>(from);
+  unpoison(p, to - from);
+  secure_wipe(p, to - from);
+  poison(p, to - from);
+}
+}  // namespace
+
 void heap::end_shuffle(std::span<const move> moves) noexcept {
   current_ = nullptr;
   holding_ = false;
+  for (const auto& [from, to] : gaps_) wipe_range(from, to);
+  gaps_.clear();
   for (std::uint32_t i = 0; i < plan_.size(); ++i) {
     const planned& p = plan_[i];
     arena& a = *arenas_[i];
@@ -423,8 +490,8 @@ void heap::settle_destination(std::span<const move> moves, std::uint32_t number)
   const planned& p = plan_[number];
   arena& a = *arenas_[number];
   std::uintptr_t end = p.w;
-  for (std::uint32_t k = p.kept_head; k != none; k = moves[k].align_log2)
-    end = std::max(end, reinterpret_cast<std::uintptr_t>(moves[k].from) + moves[k].bytes);
+  if (p.kept_last != none)
+    end = std::max(end, reinterpret_cast<std::uintptr_t>(moves[p.kept_last].from) + moves[p.kept_last].bytes);
   wipe_except_kept(moves, number, p.w, a.top);
   a.res.reset();
   if (end > a.base) (void)a.res.allocate(end - a.base, 1);  // planned to fit
@@ -434,22 +501,15 @@ void heap::settle_destination(std::span<const move> moves, std::uint32_t number)
 }
 
 // Wipes and poisons [begin, end) but the entries of the arena kept in place (listed by
-// descending address).
+// ascending address).
 void heap::wipe_except_kept(std::span<const move> moves, std::uint32_t number, std::uintptr_t begin,
                             std::uintptr_t end) noexcept {
-  const auto wipe = [](std::uintptr_t from, std::uintptr_t to) {
-    if (to <= from) return;
-    auto* p = reinterpret_cast<std::byte*>(from);
-    unpoison(p, to - from);
-    secure_wipe(p, to - from);
-    poison(p, to - from);
-  };
-  for (std::uint32_t k = plan_[number].kept_head; k != none; k = moves[k].align_log2) {
+  for (std::uint32_t k = plan_[number].kept_first; k != none; k = moves[k].align_log2) {
     const auto from = reinterpret_cast<std::uintptr_t>(moves[k].from);
-    wipe(std::max(begin, from + moves[k].bytes), end);
-    end = std::min(end, from);
+    wipe_range(begin, std::min(from, end));
+    begin = std::max(begin, from + moves[k].bytes);
   }
-  wipe(begin, end);
+  wipe_range(begin, end);
 }
 
 void heap::hold() noexcept {

@@ -19,7 +19,7 @@ void shuffler::impl::shuffle() {
 
 void shuffler::impl::begin_full() {
   const auto t0 = std::chrono::steady_clock::now();
-  doomed.clear(), stays.clear(), windows.clear();
+  doomed.clear(), windows.clear();
   heap.index_arenas();
   const auto arenas = static_cast<std::uint32_t>(heap.arenas());
   run_end.resize(arenas);
@@ -80,7 +80,9 @@ bool shuffler::impl::shuffle_part() {
 }
 
 // The next part_slots slots. Entries placed since the shuffle began lie in arenas of
-// their own (numbered from full.arenas on) and are left alone.
+// their own (numbered from full.arenas on) and are left alone. A pinned entry is planned
+// too: most are returned before their turn, and one still pinned then stays, which the
+// heap's destinations write around (an arena kept whole for it would cost an arena).
 void shuffler::impl::gather_part() {
   const std::uint32_t end = std::min(full.slots, full.cursor + part_slots);
   for (std::uint32_t i = full.cursor; i < end; ++i) {
@@ -92,10 +94,6 @@ void shuffler::impl::gather_part() {
     }
     const std::uint32_t a = heap.arena_number(e.data);
     if (a >= full.arenas) continue;
-    if (e.st() != entry_state::at_rest) {
-      stays.push_back(e.data);
-      continue;
-    }
     plan[run_end[a]++] = {e.data, nullptr, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)};
     run_bytes[a] += stored_bytes(e);
   }
@@ -152,13 +150,13 @@ void shuffler::impl::sort_part() {
 }
 
 void shuffler::impl::begin_moves() {
-  heap.begin_shuffle(plan, windows, stays, opt.randomize_layout ? &rng : nullptr);
+  heap.begin_shuffle(plan, windows, {}, opt.randomize_layout ? &rng : nullptr);
   full.at = full_state::phase::move;
 }
 
 // The next part_moves steps of the plan, moved at once (each write lands on bytes whose
 // entries were copied out at an earlier step), and their slots pointed at the new
-// places. An entry pinned since it was gathered stays where it is.
+// places. An entry pinned when its turn comes stays where it is.
 void shuffler::impl::move_part() {
   constexpr auto pinned = [](const void* self, const detail::move& m) noexcept {
     const impl& me = *static_cast<const impl*>(self);

@@ -93,7 +93,7 @@ struct shuffler::impl {
   std::vector<detail::move> plan;  // a full shuffle's moves, by source arena, in slot order
   std::vector<detail::move> sort_scratch;  // sort_by_address's
   std::vector<detail::window> windows;
-  std::vector<std::byte*> stays, dest;
+  std::vector<std::byte*> dest;
   std::vector<detail::request> reqs;
   std::vector<detail::heap::where> sources;  // an incremental step's: the moves' arenas
 
@@ -159,11 +159,12 @@ struct shuffler::impl {
 
   // A full shuffle, rolling (docs/design.md, "Heap"): the entries at rest leave their
   // arenas interleaved at random, each into room that entries read before it left, so
-  // the upstream holds the heap plus a few arenas at the peak. It runs in parts of
-  // bounded work (begin_full(), then shuffle_part() until it returns false), and the
-  // caller may release the lock between parts: meanwhile the heap is held (arenas keep
-  // their numbers, new entries go to arenas of their own), and an entry pinned when its
-  // turn comes stays where it is. shuffle() runs every part at once.
+  // the upstream holds the heap plus two arenas at the peak (pinned entries or not). It
+  // runs in parts of bounded work (begin_full(), then shuffle_part() until it returns
+  // false), and the caller may release the lock between parts: meanwhile the heap is
+  // held (arenas keep their numbers, new entries go to arenas of their own), and an
+  // entry pinned when its turn comes stays where it is. shuffle() runs every part at
+  // once.
   void shuffle();
   // Throws std::bad_alloc, nothing changed.
   void begin_full();
@@ -174,9 +175,8 @@ struct shuffler::impl {
 
   struct full_state {
     // grow: the plan's room, a part at a time; gather: the slots, a part at a time, the
-    // entries at rest to their arena's run of plan (each run as long as the arena's
-    // entries, so nothing is sorted), the freed ones to doomed, the pinned ones to
-    // stays; windows: one per arena with entries to move; sort: each window by address;
+    // entries at rest or pinned to their arena's run of plan (each run as long as the
+    // arena's entries, so nothing is sorted), the freed ones to doomed; windows: one per arena with entries to move; sort: each window by address;
     // begin: the heap's plan begins; move: planned and moved a part at a time; drop:
     // the freed entries; end: the heap settles.
     enum class phase : std::uint8_t { idle, grow, gather, windows, sort, begin, move, drop, end };

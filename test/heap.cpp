@@ -10,6 +10,8 @@
 #include <span>
 #include <vector>
 
+#include <memshuffle/tracking_resource.hpp>
+
 #include "lib/heap.hpp"
 #include "test/support/recording_resource.hpp"
 #include "test/support/seed.hpp"
@@ -389,6 +391,97 @@ TEST_CASE("a shuffle in parts keeps in place the entries pinned when their turn 
   }
 }
 
+namespace {
+
+// Pins some entries of old (by index) when their turn comes in a shuffle in parts.
+struct pinned_set {
+  std::set<std::uint32_t> slots;
+  memshuffle::detail::keep_test test() const {
+    return {this, [](const void* self, const memshuffle::detail::move& m) noexcept {
+              return static_cast<const pinned_set*>(self)->slots.count(m.slot) != 0;
+            }};
+  }
+};
+
+// A shuffle in parts of 64 moves over the entries of r, those in pinned kept in place.
+void run_in_parts(heap& h, rolling& r, const pinned_set& pinned, layout_rng* rng) {
+  h.index_arenas();
+  h.hold();
+  h.begin_shuffle(r.moves, r.windows, {}, rng);
+  std::vector<std::uint32_t> part(64);
+  while (const std::size_t n = h.plan_part(r.moves, r.windows, rng, pinned.test(), part))
+    h.run_moves(r.moves, std::span(part).first(n));
+  h.end_shuffle(r.moves);
+}
+
+}  // namespace
+
+TEST_CASE("entries pinned when their turn comes cost the shuffle no arena: the writes pass over them") {
+  for (const std::size_t bytes : {std::size_t{64}, std::size_t{4096}}) {
+    for (const bool random : {false, true}) {
+      CAPTURE(bytes);
+      CAPTURE(random);
+      memshuffle::tracking_resource up;
+      heap h(&up, bytes == 64 ? arena_size : 16 * arena_size);  // 64 or 16 entries an arena
+      std::vector<std::byte*> old;
+      while (h.arenas() < 40) {
+        old.push_back(h.place(bytes, 8));
+        std::memset(old.back(), static_cast<int>(old.size() % 251), bytes);
+      }
+      const std::size_t held = up.stats().current_bytes, one_arena = held / h.arenas();
+      // One entry near the front of every fourth arena: most arenas are destinations,
+      // whose room used to end below such an entry.
+      const std::size_t per_arena = old.size() / 39;
+      pinned_set pinned;
+      for (std::size_t a = 0; a < 40; a += 4) pinned.slots.insert(static_cast<std::uint32_t>(a * per_arena + 1));
+      rolling r(h, old, bytes);
+      layout_rng rng(11);
+      run_in_parts(h, r, pinned, random ? &rng : nullptr);
+      // Kept whole, the ten pinned entries' arenas would need ten more.
+      CHECK(up.stats().peak_bytes <= held + 2 * one_arena);
+      CHECK(h.reserved_bytes() == up.stats().current_bytes);
+      for (const auto& m : r.moves) {
+        CAPTURE(m.slot);
+        const bool kept = pinned.slots.count(m.slot) != 0;
+        CHECK((m.to == nullptr) == kept);
+        CHECK(filled_with(kept ? m.from : m.to, bytes, std::byte(static_cast<unsigned char>((m.slot + 1) % 251))));
+      }
+    }
+  }
+}
+
+TEST_CASE("the bytes a destination's writes pass over below a pinned entry are wiped") {
+  for (const bool random : {false, true}) {
+    CAPTURE(random);
+    recording_resource up;
+    up.keep_freed(true);
+    heap h(&up, arena_size);
+    // Mixed sizes: a write that does not fit below a pinned entry leaves a gap there.
+    std::vector<std::byte*> old;
+    std::vector<std::size_t> sizes;
+    while (h.arenas() < 12) {
+      sizes.push_back(std::size_t{40} + 24 * (old.size() % 7));
+      old.push_back(h.place(sizes.back(), 8));
+      std::memset(old.back(), 0, sizes.back());
+      std::memcpy(old.back(), marker.data(), marker.size());
+    }
+    rolling r(h, old, 0);
+    for (auto& m : r.moves) {
+      m.bytes = sizes[m.slot];
+    }
+    for (auto& w : r.windows) {
+      w.bytes = 0;
+      for (std::uint32_t k = w.first; k < w.last; ++k) w.bytes += r.moves[k].bytes;
+    }
+    pinned_set pinned;
+    for (std::uint32_t i = 3; i < old.size(); i += 9) pinned.slots.insert(i);
+    layout_rng rng(3);
+    run_in_parts(h, r, pinned, random ? &rng : nullptr);
+    for (const auto& m : r.moves) std::memset(m.to != nullptr ? m.to : m.from, 0, m.bytes);
+    CHECK_FALSE(ever_held(up, marker));
+  }
+}
+
 TEST_CASE("a random full shuffle scatters the entries of an arena as uniform placement would") {
   MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 sizes(seed);
@@ -451,3 +544,4 @@ TEST_CASE("nothing is left upstream after the heap ends, and every chunk was wip
 }
 
 }  // TEST_SUITE
+
