@@ -94,6 +94,7 @@ void shuffler::impl::gather_part() {
     }
     const std::uint32_t a = heap.arena_number(e.data);
     if (a >= full.arenas) continue;
+    if (e.st() != entry_state::at_rest) ++full.unsettled;  // looked at again at its turn
     plan[run_end[a]++] = {e.data, nullptr, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)};
     run_bytes[a] += stored_bytes(e);
   }

@@ -186,8 +186,9 @@ struct shuffler::impl {
     std::uint32_t arenas = 0;  // the arenas when it began (the shuffle's own)
     std::uint32_t total = 0;   // entries in those arenas
     std::vector<std::uint32_t> part;  // a move part's sequence
-    // Entries taken from rest (rented, or marked by a key rotation) since it began: while
-    // none was, no move need look at its slot again to see whether it may still move.
+    // Entries not at rest when gathered, or taken from rest since (rented, or marked by
+    // a key rotation): while there is none, no move need look at its slot again to see
+    // whether it may still move.
     std::uint64_t unsettled = 0;
   } full;
   // A part's work: a few hundred microseconds of one core at 1 GiB (each slot or move

@@ -141,11 +141,13 @@ class shuffler {
 
   /// \effects Drops freed entries, moves every entry not rented into fresh arenas,
   ///   wipes what they left and gives emptied arenas back to the upstream. Works in
-  ///   parts of bounded length and lets other threads in between them: an entry they
-  ///   rent before its turn stays where it is, and entries they allocate are not
-  ///   moved. Once entries have moved, an entry that finds no memory stays where it
+  ///   parts of bounded length and lets other threads in between them: an entry that
+  ///   is rented when its turn comes stays where it is (one rented earlier and returned
+  ///   by then moves), and entries they allocate are not moved. With several shards
+  ///   (shuffler_options::shards) the shards are shuffled one after another. Once entries have moved, an entry that finds no memory stays where it
   ///   is too. A second call meanwhile waits for the first to end.
-  /// \throws std::bad_alloc before any entry moved (nothing changed).
+  /// \throws std::bad_alloc before any entry of a shard moved: that shard and the
+  ///   ones after it unchanged, the ones before it shuffled.
   void shuffle();
   /// \effects The same work in steps: moves at most about budget bytes and carries on
   ///   from there on the next call. A call's work follows its budget, not the heap's
