@@ -11,12 +11,6 @@
 
 namespace memshuffle {
 
-void shuffler::impl::shuffle() {
-  begin_full();
-  while (shuffle_part()) {
-  }
-}
-
 void shuffler::impl::begin_full() {
   const auto t0 = std::chrono::steady_clock::now();
   doomed.clear(), windows.clear();

@@ -163,9 +163,7 @@ struct shuffler::impl {
   // runs in parts of bounded work (begin_full(), then shuffle_part() until it returns
   // false), and the caller may release the lock between parts: meanwhile the heap is
   // held (arenas keep their numbers, new entries go to arenas of their own), and an
-  // entry pinned when its turn comes stays where it is. shuffle() runs every part at
-  // once.
-  void shuffle();
+  // entry pinned when its turn comes stays where it is.
   // Throws std::bad_alloc, nothing changed.
   void begin_full();
   // Returns whether parts remain. Only the parts before the first move can fail: on
