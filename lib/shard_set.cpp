@@ -117,7 +117,14 @@ shuffler::synchronized& shuffler::shard_set::for_alloc() {
   const std::size_t i = count == 1 ? 0 : ordinal() % count;
   if (synchronized* s = shards[i].load(std::memory_order_acquire)) [[likely]]
     return *s;
-  return make(i);
+  try {
+    return make(i);
+  } catch (const std::bad_alloc&) {
+  } catch (const error&) {
+  }
+  // No memory or no handle tag for a new shard: the thread shares shard 0, which
+  // always exists, rather than failing an allocation that shard can serve.
+  return *shards[0].load(std::memory_order_relaxed);
 }
 
 shuffler::synchronized& shuffler::shard_set::make(std::size_t i) {

@@ -60,7 +60,8 @@ struct shuffler::shard_set {
   bool forked() const noexcept { return detail::fork_epoch() != epoch; }
   void check_fork() const;
 
-  // The calling thread's shard, made on first use (throws as the constructor).
+  // The calling thread's shard, made on first use; shard 0 when it cannot be made.
+  // Throws fork_error in a child.
   synchronized& for_alloc();
   // The shard h names; null when h is of no shard of this shuffler.
   synchronized* find(handle h) const noexcept;

@@ -16,6 +16,7 @@
 #include <memshuffle/shuffler.hpp>
 #include <memshuffle/tracking_resource.hpp>
 
+#include "lib/handle_table.hpp"
 #include "lib/key_ring.hpp"
 #include "test/support/child_process.hpp"
 
@@ -69,6 +70,27 @@ TEST_CASE("with one shard every thread allocates in it") {
   CHECK(tag_of(a) == tag_of(b));
   CHECK(tag_of(a) == tag_of(c));
   CHECK(s.stats().arenas == 1);
+}
+
+TEST_CASE("a thread whose shard cannot be made for want of a handle tag allocates in shard 0") {
+  shuffler s({.shards = 4});
+  const handle first = alloc_as(s, 0, 1);
+  std::vector<detail::tag_grant> held;  // every tag left, so no shard can be made
+  for (;;) {
+    try {
+      held.push_back(detail::acquire_tag());
+    } catch (const error&) {
+      break;
+    }
+  }
+  const handle h = alloc_as(s, 1, 2);
+  for (const auto& g : held) detail::release_tag(g.tag, g.first_generation);
+  CHECK(tag_of(h) == tag_of(first));
+  CHECK(value_of(s, h) == 2);
+  // With tags free again, the thread's own shard is made.
+  const handle later = alloc_as(s, 1, 3);
+  CHECK(tag_of(later) != tag_of(first));
+  CHECK(value_of(s, later) == 3);
 }
 
 TEST_CASE("a shard count of 0 or above 64 is refused") {
