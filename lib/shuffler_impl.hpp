@@ -7,8 +7,8 @@
 // every other thread, and every shuffle, away from its bytes), *_outside does the
 // cipher work without the lock, and commit_* records the outcome under the lock again.
 // Members are defined in shuffler_impl.cpp (entries, policies, rent and return),
-// shuffle_passes.cpp (the full shuffle, the compaction, the incremental shuffle, the
-// move on return) and key_rotation.cpp.
+// shuffle_passes.cpp (the full shuffle, the incremental shuffle, the move on return),
+// compaction.cpp (the policies' compaction) and key_rotation.cpp.
 #include <memshuffle/shuffler.hpp>
 
 #include <array>
@@ -168,8 +168,8 @@ struct shuffler::impl {
 
   void check_ratio() noexcept;
 
-  // shuffle_every: every entry at rest moves, arena by arena as the ratio policy's
-  // compaction does, so the upstream never holds the old and new heap at once.
+  // shuffle_every: every entry at rest moves, by the compaction with every arena a
+  // source, so the upstream never holds the old and new heap at once.
   void try_shuffle() noexcept;
 
   // --- shuffling ----------------------------------------------------------------------
@@ -227,8 +227,8 @@ struct shuffler::impl {
   // given back whole, wiped, as soon as its window has moved. So the heap never holds
   // old and new copies of everything at once; each window is all or nothing.
   // sparsest (the ratio policy): the sources are the sparsest arenas, as many as bring
-  // reserved down to compaction_aim of the way from the ratio's bound to the live
-  // bytes; full arenas stay as they are, so the bytes moved follow the bytes reclaimed.
+  // reserved down to live + compaction_aim x the allowance (ratio - 1) x live; full
+  // arenas stay as they are, so the bytes moved follow the bytes reclaimed.
   // every (shuffle_every): every arena is a source, and every entry at rest moves.
   enum class compact_scope : std::uint8_t { sparsest, every };
   static constexpr double compaction_aim = 0.25;
