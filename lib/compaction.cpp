@@ -53,7 +53,7 @@ void shuffler::impl::tally_arenas() {
     const std::uint32_t a = heap.arena_number(e.data);
     auto& t = c.arenas[a];
     if (st == entry_state::at_rest) {
-      c.at_rest.push_back({i, a});
+      c.at_rest.push_back({e.data, stored_bytes(e), i, a});
       t.bytes += stored_bytes(e);
       ++t.at_rest;
     } else if (st == entry_state::doomed) {
@@ -127,9 +127,7 @@ void shuffler::impl::list_moves() {
   // The runs fill from their ends down, so each start is right once they are full.
   for (auto it = c.at_rest.rbegin(); it != c.at_rest.rend(); ++it) {
     auto& t = c.arenas[it->arena];
-    if (t.source == 0) continue;
-    const entry& e = table[it->slot];
-    c.moving[c.first_move[t.source - 1] + --t.at_rest] = {e.data, stored_bytes(e), it->slot, it->arena};
+    if (t.source != 0) c.moving[c.first_move[t.source - 1] + --t.at_rest] = *it;
   }
   for (auto it = c.freed.rbegin(); it != c.freed.rend(); ++it) {
     auto& t = c.arenas[it->arena];

@@ -102,7 +102,8 @@ struct shuffler::impl {
       std::uint32_t slot, arena;
     };
     std::vector<arena_tally> arenas;
-    std::vector<slot_at> at_rest, freed;
+    std::vector<move_item> at_rest;
+    std::vector<slot_at> freed;
     std::vector<std::uint32_t> sources;  // arena numbers, in the order they are emptied
     std::vector<std::pair<float, std::uint32_t>> by_share;  // bytes at rest / held, arena
     // By source, where its entries start in moving and its freed slots in dropping (one
