@@ -141,6 +141,29 @@ void heap::release_empty_older(std::uint64_t serial) noexcept {
   }
 }
 
+heap::where heap::at(std::uint32_t number) const noexcept {
+  where w;
+  w.a_ = arenas_[number].get();
+  return w;
+}
+
+std::size_t heap::chunk_bytes(std::uint32_t number) const noexcept { return arenas_[number]->chunk_bytes; }
+bool heap::filling(std::uint32_t number) const noexcept { return arenas_[number].get() == current_; }
+
+void heap::drop(where w) noexcept {
+  arena& a = *w.a_;
+  a.entries = 0;
+  if (&a != current_) {
+    release(a);  // wipes the whole chunk
+    return;
+  }
+  unpoison(reinterpret_cast<void*>(a.base), a.top - a.base);
+  secure_wipe(reinterpret_cast<void*>(a.base), a.top - a.base);
+  poison(reinterpret_cast<void*>(a.base), a.top - a.base);
+  a.res.reset();
+  a.top = a.base;
+}
+
 std::uint32_t heap::arena_number(const std::byte* p) const noexcept {
   if (granules_stale_) return static_cast<std::uint32_t>(arena_of(p)->pos);
   const auto at = reinterpret_cast<std::uintptr_t>(p);

@@ -144,6 +144,19 @@ class heap {
   // Gives back the arenas older than serial that hold no entry.
   void release_empty_older(std::uint64_t serial) noexcept;
 
+  // For a compaction, by arena number (valid, as for a shuffle, from index_arenas()
+  // until an arena comes or goes; a where stays valid until its own arena goes):
+  where at(std::uint32_t number) const noexcept;
+  // What the arena holds from the upstream.
+  std::size_t chunk_bytes(std::uint32_t number) const noexcept;
+  bool filling(std::uint32_t number) const noexcept;
+  // The next placement opens a new arena; the one being filled stays as it is, even
+  // empty (drop it, or release_empty_older, to give it back).
+  void stop_filling() noexcept { current_ = nullptr; }
+  // Every entry of the arena has been copied out or freed, none vacated one by one:
+  // give it back, wiped whole at once (the arena being filled is wiped and rewound).
+  void drop(where w) noexcept;
+
   std::size_t reserved_bytes() const noexcept { return reserved_; }
   std::size_t arenas() const noexcept { return arenas_.size(); }
   std::uint64_t arenas_released() const noexcept { return released_; }

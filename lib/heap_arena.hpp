@@ -34,6 +34,7 @@ class heap::arena final : public std::pmr::memory_resource {
   std::size_t entries = 0;   // entries whose bytes lie here
   bool refused = false;      // the last allocation failed because the arena is full
   bool has_chunk = false;
+  std::size_t chunk_bytes = 0;  // from the upstream
   // Where the next placement would start, and a bound on the chunk's usable end, so a
   // placement that cannot fit goes to the next arena without the cost of a refusal.
   std::uintptr_t base = 0, top = 0, limit = 0;
@@ -51,6 +52,7 @@ class heap::arena final : public std::pmr::memory_resource {
     owner_.chunks_.insert(b, b + bytes, this);
     owner_.granules_stale_ = true;
     has_chunk = true;
+    chunk_bytes = bytes;
     base = top = b;
     limit = b + bytes - std::min<std::size_t>(bytes, chunk_header_allowance);
     owner_.reserved_ += bytes;
@@ -63,6 +65,7 @@ class heap::arena final : public std::pmr::memory_resource {
     owner_.chunks_.erase(reinterpret_cast<std::uintptr_t>(p));
     owner_.granules_stale_ = true;
     has_chunk = false;
+    chunk_bytes = 0;
     owner_.reserved_ -= bytes;
     owner_.upstream_->deallocate(p, bytes, alignment);
   }

@@ -1,5 +1,6 @@
-// The shuffler's moves: the full shuffle, the compaction of the policies, the
-// incremental shuffle and the move of one entry on its return (docs/design.md, "Heap").
+// The shuffler's moves: the full shuffle, the incremental shuffle and the move of one
+// entry on its return (docs/design.md, "Heap"); the policies' compaction is in
+// compaction.cpp.
 // All run under the shuffler's lock.
 #include <array>
 #include <algorithm>
@@ -188,46 +189,6 @@ void shuffler::impl::end_full() noexcept {
   pass.active = false;  // a full shuffle ends any incremental pass
   ++counters.shuffles;
   full.at = full_state::phase::idle;
-}
-
-void shuffler::impl::compact() {
-  if (full_active()) return;  // a full shuffle under way does more
-  const auto t0 = std::chrono::steady_clock::now();
-  for (std::uint32_t i = 0; i < table.slots(); ++i) {
-    if (table[i].st() != entry_state::doomed) continue;
-    heap.vacate(table[i].data, stored_bytes(table[i]));
-    table.recycle(i);
-    --counters.pending_free_entries;
-  }
-  items.clear();
-  for (std::uint32_t i = 0; i < table.slots(); ++i) {
-    const entry& e = table[i];
-    if (e.st() == entry_state::at_rest)
-      items.push_back({e.data, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)});
-  }
-  std::sort(items.begin(), items.end(), [](const move_item& x, const move_item& y) { return x.src < y.src; });
-  const std::uint64_t serial = heap.next_serial();
-  for (std::size_t first = 0; first < items.size();) {
-    std::size_t last = first, window = 0;
-    while (last < items.size() && (window < heap.arena_size() || last == first)) window += items[last++].bytes;
-    const std::span<move_item> batch(items.data() + first, last - first);
-    if (opt.randomize_layout)
-      for (std::size_t k = batch.size(); k > 1; --k) std::swap(batch[k - 1], batch[bounded(rng, k)]);
-    reqs.clear();
-    for (const move_item& m : batch) reqs.push_back({m.bytes, std::size_t{1} << m.align_log2});
-    dest.resize(batch.size());
-    heap.place_all(reqs, dest, first == 0);  // the first batch opens a fresh arena
-    for (std::size_t k = 0; k < batch.size(); ++k) {
-      std::memcpy(dest[k], batch[k].src, batch[k].bytes);
-      heap.vacate(batch[k].src, batch[k].bytes);
-      table[batch[k].index].data = dest[k];
-      counters.bytes_moved += batch[k].bytes;
-    }
-    first = last;
-  }
-  heap.release_empty_older(serial);
-  ++counters.shuffles;
-  timed(t0);
 }
 
 void shuffler::impl::shuffle(std::size_t budget) {

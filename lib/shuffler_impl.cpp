@@ -179,15 +179,20 @@ void shuffler::impl::check_ratio() noexcept {
   // Slack of an arena or two (the one being filled, the ends of full ones) is what any
   // layout has; a shuffle could not remove it, so it never triggers one.
   if (opt.shuffle_above_ratio > 0 && reserved > opt.shuffle_above_ratio * static_cast<double>(stored) &&
-      heap.reserved_bytes() > stored + 2 * heap.arena_size())
-    try_shuffle();
+      heap.reserved_bytes() > stored + 2 * heap.arena_size()) {
+    try {
+      compact(compact_scope::sparsest);
+    } catch (...) {
+      // Automatic: without memory the compaction stops after its last whole window.
+    }
+  }
 }
 
 void shuffler::impl::try_shuffle() noexcept {
   try {
-    compact();
+    compact(compact_scope::every);
   } catch (...) {
-    // Automatic: without memory the compaction stops after its last whole window.
+    // As above.
   }
 }
 

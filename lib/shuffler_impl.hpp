@@ -7,8 +7,8 @@
 // every other thread, and every shuffle, away from its bytes), *_outside does the
 // cipher work without the lock, and commit_* records the outcome under the lock again.
 // Members are defined in shuffler_impl.cpp (entries, policies, rent and return),
-// shuffle_passes.cpp (the full shuffle, the compaction, the incremental shuffle, the
-// move on return) and key_rotation.cpp.
+// shuffle_passes.cpp (the full shuffle, the incremental shuffle, the move on return),
+// compaction.cpp (the policies' compaction) and key_rotation.cpp.
 #include <memshuffle/shuffler.hpp>
 
 #include <array>
@@ -84,12 +84,35 @@ struct shuffler::impl {
   // Reused between shuffles so a steady heap does not allocate for them.
   std::vector<std::uint32_t> moves, doomed, run_end;
   std::vector<std::size_t> run_bytes;
-  struct move_item {
-    std::byte* src;
-    std::size_t bytes;
-    std::uint32_t index, align_log2;
-  };
-  std::vector<move_item> items;
+  // A compaction's (lib/compaction.cpp), by arena number.
+  struct compaction_state {
+    struct arena_tally {
+      std::size_t bytes = 0;           // of its entries at rest, as stored
+      std::uint32_t at_rest = 0, freed = 0;
+      std::uint32_t source = 0;        // its place among the sources plus one; 0: not one
+      bool pinned = false;             // holds an entry not at rest
+      bool whole = false;              // a source whose every entry moves or is freed: dropped whole
+    };
+    struct slot_at {
+      std::uint32_t slot, arena;
+    };
+    struct move_item {
+      std::byte* src;
+      std::size_t bytes;
+      std::uint32_t slot, arena;
+    };
+    std::vector<arena_tally> arenas;
+    std::vector<move_item> at_rest;
+    std::vector<slot_at> freed;
+    std::vector<std::uint32_t> sources;  // arena numbers, in the order they are emptied
+    std::vector<std::pair<float, std::uint32_t>> by_share;  // bytes at rest / held, arena
+    // By source, where its entries start in moving and its freed slots in dropping (one
+    // more at the end).
+    std::vector<std::uint32_t> first_move, first_freed;
+    std::vector<move_item> moving;
+    std::vector<std::uint32_t> dropping;
+    std::vector<detail::heap::where> where;
+  } compacting;
   std::vector<detail::move> plan;  // a full shuffle's moves, by source arena, in slot order
   std::vector<detail::move> sort_scratch;  // sort_by_address's
   std::vector<detail::window> windows;
@@ -146,8 +169,8 @@ struct shuffler::impl {
 
   void check_ratio() noexcept;
 
-  // shuffle_every: every entry at rest moves, arena by arena as the ratio policy's
-  // compaction does, so the upstream never holds the old and new heap at once.
+  // shuffle_every: every entry at rest moves, by the compaction with every arena a
+  // source, so the upstream never holds the old and new heap at once.
   void try_shuffle() noexcept;
 
   // --- shuffling ----------------------------------------------------------------------
@@ -200,11 +223,25 @@ struct shuffler::impl {
   void drop_part() noexcept;
   void end_full() noexcept;
 
-  // The ratio policy's compaction: entries move in address order, an arena's worth at a
-  // time (in random order within that window when randomize_layout), and each source
-  // arena goes back as soon as it is empty. So the heap never holds old and new copies
-  // of everything at once, as a full shuffle does; each step is all or nothing.
-  void compact();
+  // The policies' compaction (docs/design.md, "Shuffle policies"). One walk over the
+  // slots tallies each arena's bytes at rest and drops the freed entries; then the
+  // sources are emptied a window of about one arena's worth at a time (in random order
+  // within the window when randomize_layout) into the arena being filled, and each is
+  // given back whole, wiped, as soon as its window has moved. So the heap never holds
+  // old and new copies of everything at once; each window is all or nothing.
+  // sparsest (the ratio policy): the sources are the sparsest arenas, as many as bring
+  // reserved down to live + compaction_aim x the allowance (ratio - 1) x live; full
+  // arenas stay as they are, so the bytes moved follow the bytes reclaimed.
+  // every (shuffle_every): every arena is a source, and every entry at rest moves.
+  enum class compact_scope : std::uint8_t { sparsest, every };
+  static constexpr double compaction_aim = 0.25;
+  void compact(compact_scope scope);
+  void tally_arenas();
+  void choose_sources(compact_scope scope);
+  void list_moves();
+  void drop_freed(std::uint32_t slot, std::uint32_t arena) noexcept;
+  void drop_freed_of(std::size_t source, bool whole) noexcept;
+  void empty_sources();
 
   // One step of the incremental shuffle: visits the pass's next slots while less than
   // budget bytes are planned, each slot visited with nothing to move counting as

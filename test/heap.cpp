@@ -120,6 +120,55 @@ TEST_CASE("an emptied arena that is still being filled is rewound, not given bac
   CHECK(up.allocations() == 1);
 }
 
+TEST_CASE("dropping an arena whose entries all left gives it back whole, wiped, without vacating them") {
+  recording_resource up;
+  up.keep_freed(true);
+  heap h(&up, arena_size);
+  std::vector<std::byte*> first;
+  first.push_back(h.place(64, 8));
+  std::memcpy(first.back(), marker.data(), marker.size());
+  while (h.arenas() == 1) first.push_back(h.place(64, 8));  // the first arena is full
+  first.pop_back();  // that one opened the second arena
+  h.index_arenas();
+  const std::uint32_t number = h.arena_number(first.front());
+  CHECK(h.chunk_bytes(number) == up.history().front().bytes);
+  CHECK_FALSE(h.filling(number));
+  CHECK(h.filling(1 - number));
+  h.drop(h.at(number));
+  CHECK(h.arenas() == 1);
+  CHECK(h.arenas_released() == 1);
+  CHECK(up.deallocations() == 1);
+  CHECK(h.reserved_bytes() == up.outstanding_bytes());
+  CHECK_FALSE(ever_held(up, marker));
+}
+
+TEST_CASE("dropping the arena being filled wipes and rewinds it") {
+  recording_resource up;
+  up.keep_freed(true);
+  heap h(&up, arena_size);
+  std::byte* a = h.place(64, 8);
+  std::memcpy(a, marker.data(), marker.size());
+  h.place(64, 8);
+  h.index_arenas();
+  h.drop(h.at(h.arena_number(a)));
+  CHECK(h.arenas() == 1);
+  CHECK_FALSE(ever_held(up, marker));
+  CHECK(h.place(64, 8) == a);  // the same bytes again
+  CHECK(up.allocations() == 1);
+}
+
+TEST_CASE("after stop_filling the next placement opens a new arena, and the old one stays") {
+  recording_resource up;
+  heap h(&up, arena_size);
+  std::byte* a = h.place(64, 8);
+  h.stop_filling();
+  std::byte* b = h.place(64, 8);
+  CHECK(h.arenas() == 2);
+  CHECK(h.serial_of(b) > h.serial_of(a));
+  h.vacate(a, 64);  // no longer filled: given back once empty
+  CHECK(h.arenas() == 1);
+}
+
 TEST_CASE("place_all is all or nothing when the upstream fails") {
   recording_resource up;
   heap h(&up, arena_size);

@@ -13,6 +13,7 @@
 #include <deque>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <memory>
 #include <set>
 #include <span>
@@ -785,6 +786,50 @@ TEST_CASE("shuffle_every moves every entry arena by arena, never holding two cop
   }
 }
 
+TEST_CASE("shuffle_every moves every entry but a pinned one, whose arena stays with the entries it keeps") {
+  const std::size_t arena = 4096, count = 512;
+  recording_resource up;
+  // Operations: an alloc and a write (a rent and a return) per entry, a free per freed
+  // one, two reads of the kept ones' addresses (a rent and a return each), the rent of
+  // the pin, and the create that shuffles.
+  shuffler s({.cipher = cipher_kind::none, .shuffle_every = 3 * count + count / 2 + 2 * count + 2, .arena_size = arena,
+              .plaintext_in_place = true},
+             &up);
+  std::vector<handle> hs;
+  for (std::uint64_t i = 0; i < count; ++i) {
+    hs.push_back(s.alloc<std::uint64_t>(8));
+    s.write(hs.back(), std::as_bytes(std::span(&i, 1)));
+  }
+  for (std::size_t i = 0; i < count; i += 2) s.free(hs[i]);  // half freed, in every arena
+  std::vector<handle> kept;
+  for (std::size_t i = 1; i < count; i += 2) kept.push_back(hs[i]);
+  const std::vector<std::uintptr_t> before = addresses(s, kept);  // 2 operations each
+  std::vector<std::uintptr_t> again = addresses(s, kept);           // 2 more
+  REQUIRE(again == before);
+  REQUIRE(s.stats().shuffles == 0);
+  const std::size_t pinned = kept.size() / 2;
+  {
+    auto l = s.rent<std::uint64_t>(kept[pinned]);
+    s.create<int>();  // the operation that shuffles
+    CHECK(s.stats().shuffles == 1);
+    CHECK(reinterpret_cast<std::uintptr_t>(l.get()) == before[pinned]);
+    CHECK(*l == 2 * pinned + 1);
+  }
+  const std::vector<std::uintptr_t> after = addresses(s, kept);
+  for (std::size_t i = 0; i < kept.size(); ++i) {
+    CAPTURE(i);
+    if (i != pinned) CHECK(after[i] != before[i]);
+    std::uint64_t v = 0;
+    s.read(kept[i], std::as_writable_bytes(std::span(&v, 1)));
+    CHECK(v == 2 * i + 1);
+  }
+  CHECK(after[pinned] == before[pinned]);
+  CHECK(s.stats().pending_free_entries == 0);
+  // Eight words each; the int created moved too.
+  CHECK(s.stats().bytes_moved == 8 * sizeof(std::uint64_t) * (kept.size() - 1) + sizeof(int));
+  CHECK(up.outstanding_bytes() == s.stats().reserved_bytes);
+}
+
 TEST_CASE("running out of memory inside a shuffle changes nothing") {
   MEMSHUFFLE_TEST_SEED(seed);
   std::mt19937_64 rng(seed);
@@ -963,6 +1008,156 @@ TEST_CASE("the ratio policy compacts arena by arena, never holding two copies of
   const auto st = s.stats();
   CHECK(static_cast<double>(st.reserved_bytes) <= 1.5 * static_cast<double>(st.live_bytes + 16 * st.live_entries) + arena);
   for (std::size_t i = 0; i < hs.size(); i += 4) CHECK(*s.rent<std::uint64_t>(hs[i]) == i);
+}
+
+namespace {
+// A heap of 64-byte entries in 4 KiB arenas: the first half of the arenas full, the
+// second half sparse (one entry in eight kept, the rest freed). Arenas are told apart
+// by address: within one, entries follow each other 64 bytes apart; the next arena's
+// chunk lies elsewhere (past the arena's header at least).
+struct sparse_heap {
+  static constexpr std::size_t arena = 4096, arenas = 32;
+  recording_resource up;
+  shuffler s;
+  std::vector<handle> full, sparse;  // kept, in allocation order
+  std::vector<std::size_t> sparse_group;  // each sparse entry's arena, counted in allocation order
+  std::vector<std::uintptr_t> full_at, sparse_at;
+  std::size_t freed = 0;
+
+  explicit sparse_heap(bool randomize = true, bool pin_one = false)
+      : s({.cipher = cipher_kind::none, .shuffle_above_ratio = 1.5, .randomize_layout = randomize,
+           .arena_size = arena, .plaintext_in_place = true},
+          &up) {
+    std::vector<handle> all;
+    std::vector<std::size_t> group;
+    std::uintptr_t last = 0;
+    for (std::size_t g = 0; g < arenas;) {
+      const handle h = s.alloc<std::byte>(64);
+      const auto at = reinterpret_cast<std::uintptr_t>(s.rent_pointer<std::byte*>(h));
+      s.return_pointer(h);
+      if (!all.empty() && at != last + 64 && ++g == arenas) {
+        s.free(h);  // the first entry of one arena too many
+        ++freed;
+        break;
+      }
+      const std::uint64_t value = all.size();
+      s.write(h, std::as_bytes(std::span(&value, 1)));
+      all.push_back(h), group.push_back(g), last = at;
+    }
+    std::size_t in_group = 0;
+    for (std::size_t i = 0; i < all.size(); ++i) {
+      in_group = i > 0 && group[i] == group[i - 1] ? in_group + 1 : 0;
+      if (group[i] < arenas / 2 || in_group % 8 == 0) values[all[i]] = i;
+      if (group[i] < arenas / 2) {
+        full.push_back(all[i]);
+      } else if (in_group % 8 == 0) {
+        sparse.push_back(all[i]);
+        sparse_group.push_back(group[i]);
+      } else {
+        s.free(all[i]);
+        ++freed;
+      }
+    }
+    full_at = addresses(s, full);
+    sparse_at = addresses(s, sparse);
+    if (pin_one) pinned.emplace(s.rent<std::byte>(sparse[sparse.size() / 2]));
+  }
+  std::optional<lease<std::byte>> pinned;
+
+  std::map<handle, std::uint64_t> values;  // what each kept entry holds
+  bool values_kept() {
+    for (const auto& [h, value] : values) {
+      std::uint64_t v = 0;
+      s.read(h, std::as_writable_bytes(std::span(&v, 1)));
+      if (v != value) return false;
+    }
+    return true;
+  }
+};
+}  // namespace
+
+TEST_CASE("the ratio policy empties the sparsest arenas into new room and leaves full ones where they are") {
+  sparse_heap h;
+  REQUIRE(h.s.stats().shuffles == 0);
+  REQUIRE(h.s.stats().pending_free_entries == h.freed);
+  const auto before = h.s.stats();
+  h.s.create<int>();  // the ratio is checked after an alloc
+  const auto st = h.s.stats();
+  CHECK(st.shuffles == 1);
+  CHECK(addresses(h.s, h.full) == h.full_at);  // not one byte of a full arena moved
+  const std::vector<std::uintptr_t> now = addresses(h.s, h.sparse);
+  std::size_t moved = 0;
+  for (std::size_t i = 0; i < now.size(); ++i) {
+    // Only the arena being filled (the last one) is no source.
+    CAPTURE(i);
+    CHECK((now[i] != h.sparse_at[i] || h.sparse_group[i] == sparse_heap::arenas - 1));
+    moved += now[i] != h.sparse_at[i];
+  }
+  CHECK(moved >= h.sparse.size() - 8);
+  // The work follows what was reclaimed: the sparse arenas' entries, nothing else.
+  CHECK(st.bytes_moved - before.bytes_moved == 64 * moved);
+  CHECK(st.arenas_released - before.arenas_released >= sparse_heap::arenas / 2 - 1);
+  CHECK(st.pending_free_entries == 0);  // every freed entry dropped, sparse arena or not
+  CHECK(static_cast<double>(st.reserved_bytes) <= 1.5 * static_cast<double>(st.live_bytes) + sparse_heap::arena);
+  CHECK(h.values_kept());
+  CHECK(h.up.outstanding_bytes() == st.reserved_bytes);
+}
+
+TEST_CASE("a compaction leaves the arena of a pinned entry where it is") {
+  sparse_heap h(true, true);
+  const std::size_t pinned = h.sparse.size() / 2;
+  h.s.create<int>();
+  CHECK(h.s.stats().shuffles == 1);
+  const std::vector<std::uintptr_t> now = addresses(h.s, h.sparse);
+  CHECK(reinterpret_cast<std::uintptr_t>(h.pinned->get()) == h.sparse_at[pinned]);
+  std::size_t moved = 0;
+  for (std::size_t i = 0; i < now.size(); ++i) {
+    CAPTURE(i);
+    if (h.sparse_group[i] == h.sparse_group[pinned]) CHECK(now[i] == h.sparse_at[i]);
+    moved += now[i] != h.sparse_at[i];
+  }
+  CHECK(moved >= h.sparse.size() - 16);  // all but the pinned arena and the one being filled
+  CHECK(h.s.stats().pending_free_entries == 0);
+  h.pinned.reset();
+  CHECK(h.values_kept());
+}
+
+TEST_CASE("a compaction lays out what it moves at random with randomize_layout, in order without") {
+  for (bool randomize : {true, false}) {
+    CAPTURE(randomize);
+    sparse_heap h(randomize);
+    h.s.create<int>();
+    REQUIRE(h.s.stats().shuffles == 1);
+    // The order before: the order of allocation (sources go in the order they were
+    // filled, each one's entries by address), whatever the arenas' own addresses.
+    std::vector<double> order;
+    std::vector<std::uintptr_t> to;
+    const std::vector<std::uintptr_t> now = addresses(h.s, h.sparse);
+    for (std::size_t i = 0; i < now.size(); ++i)
+      if (now[i] != h.sparse_at[i]) order.push_back(static_cast<double>(order.size())), to.push_back(now[i]);
+    REQUIRE(order.size() > 100);
+    const double kept = neighbours_kept(order, ranks(to));
+    CAPTURE(kept);
+    if (randomize) CHECK(kept < 0.3);
+    else CHECK(kept > 0.9);
+  }
+}
+
+TEST_CASE("a compaction without memory for a window moves nothing of it, and still drops the freed entries") {
+  sparse_heap h;
+  h.up.fail_after(0, false);  // no new arena: the moves find no room
+  h.s.create<int>();          // fits in the arena being filled
+  auto st = h.s.stats();
+  CHECK(st.shuffles == 0);
+  CHECK(st.pending_free_entries == 0);
+  CHECK(addresses(h.s, h.full) == h.full_at);
+  CHECK(addresses(h.s, h.sparse) == h.sparse_at);
+  CHECK(h.values_kept());
+  h.up.fail_never();
+  h.s.create<int>();
+  CHECK(h.s.stats().shuffles == 1);
+  CHECK(addresses(h.s, h.full) == h.full_at);
+  CHECK(h.values_kept());
 }
 
 TEST_CASE("sealed<T> frees its entry when it ends, or when the last lease on it ends") {
