@@ -7,7 +7,9 @@
 
 #include <limits>
 #include <new>
+#include <optional>
 #include <stdexcept>
+#include <utility>
 
 #include "handle_table.hpp"
 #include "key_ring.hpp"
@@ -32,6 +34,7 @@ constexpr unsigned tag_shift = detail::handle_table::index_bits + detail::handle
 template <class Block>
 struct secret_block {
   secret_block() : p(::new (detail::secret_memory()->allocate(sizeof(Block), alignof(Block))) Block{}) {}
+  explicit secret_block(Block* adopted) noexcept : p(adopted) {}
   ~secret_block() {
     if (p == nullptr) return;
     secure_wipe(p, sizeof(Block));
@@ -42,6 +45,13 @@ struct secret_block {
   Block* release() noexcept { return std::exchange(p, nullptr); }
   Block* p;
 };
+
+// Shard i's key and salt, derived from the seed into secret memory.
+template <class Block>
+void derive(std::optional<secret_block<Block>>& out, const Block& seed, std::size_t i) {
+  out.emplace();
+  detail::derive_shard_key(seed.key, seed.salt, static_cast<std::uint16_t>(i), out->p->key, out->p->salt);
+}
 
 void add_to(shuffler_stats& to, const shuffler_stats& s) noexcept {
   to.live_entries += s.live_entries;
@@ -106,17 +116,16 @@ void shuffler::shard_set::keep_seed(const key_type& key, const salt_type& salt) 
 }
 
 void shuffler::shard_set::drop_seed() noexcept {
-  if (seed == nullptr) return;
-  secure_wipe(seed, sizeof(seed_block));
-  detail::secret_memory()->deallocate(seed, sizeof(seed_block), alignof(seed_block));
-  seed = nullptr;
+  if (seed != nullptr) secret_block<seed_block>{std::exchange(seed, nullptr)};  // wiped, given back
 }
 
 shuffler::synchronized& shuffler::shard_set::for_alloc() {
-  check_fork();
   const std::size_t i = count == 1 ? 0 : ordinal() % count;
+  // A shard found is checked by its lock(); one to make is checked here, as making it
+  // would touch secret memory, which a child of fork() does not have.
   if (synchronized* s = shards[i].load(std::memory_order_acquire)) [[likely]]
     return *s;
+  check_fork();
   try {
     return make(i);
   } catch (const std::bad_alloc&) {
@@ -132,11 +141,7 @@ shuffler::synchronized& shuffler::shard_set::make(std::size_t i) {
   if (synchronized* s = shards[i].load(std::memory_order_relaxed)) return *s;
   // With a seed the shard's key is derived from it; without, it is random.
   std::optional<secret_block<seed_block>> derived;
-  if (seed != nullptr) {
-    derived.emplace();
-    detail::derive_shard_key(seed->key, seed->salt, static_cast<std::uint16_t>(i), derived->p->key,
-                             derived->p->salt);
-  }
+  if (seed != nullptr) derive(derived, *seed, i);
   auto* s = new synchronized(opt, derived ? &derived->p->key : nullptr, derived ? &derived->p->salt : nullptr,
                              &upstream);
   shards[i].store(s, std::memory_order_release);
@@ -153,10 +158,12 @@ shuffler::synchronized* shuffler::shard_set::find(handle h) const noexcept {
 }
 
 shuffler::synchronized& shuffler::shard_set::of(handle h) const {
-  check_fork();
+  // The shard's lock() checks for a fork; a handle of no shard is checked here.
   synchronized* s = find(h);
-  if (s == nullptr) throw invalid_handle_error("memshuffle: invalid, stale, freed or foreign handle");
-  return *s;
+  if (s != nullptr) [[likely]]
+    return *s;
+  check_fork();
+  throw invalid_handle_error("memshuffle: invalid, stale, freed or foreign handle");
 }
 
 void shuffler::shard_set::step(std::size_t budget) {
@@ -185,9 +192,7 @@ void shuffler::shard_set::rotate(const key_type* key, const salt_type* salt) {
     const key_type* k = key;
     const salt_type* sa = salt;
     if (seed != nullptr && i != 0) {
-      derived.emplace();
-      detail::derive_shard_key(seed->key, seed->salt, static_cast<std::uint16_t>(i), derived->p->key,
-                               derived->p->salt);
+      derive(derived, *seed, i);
       k = &derived->p->key, sa = &derived->p->salt;
     }
     auto lk = s->lock();

@@ -65,7 +65,8 @@ struct shuffler::shard_set {
   synchronized& for_alloc();
   // The shard h names; null when h is of no shard of this shuffler.
   synchronized* find(handle h) const noexcept;
-  // The shard h names; throws fork_error in a child, invalid_handle_error otherwise.
+  // The shard h names; throws fork_error in a child (here, or when the shard is locked),
+  // invalid_handle_error for a handle of no shard.
   synchronized& of(handle h) const;
   // f(shard) for every shard made so far, in index order.
   template <class F>

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -1530,6 +1531,7 @@ TEST_CASE("a full shuffle lets other threads in between its parts, and an entry 
   }
   std::atomic<bool> running{false}, done{false}, failed{false};
   bool seen_mid = false;  // a moment when some entries had moved and the shuffle was not over
+  bool held_once = false;
   std::thread other([&] {
     std::mt19937_64 rng(42);
     while (!done) {
@@ -1540,6 +1542,26 @@ TEST_CASE("a full shuffle lets other threads in between its parts, and an entry 
       const auto st = s.stats();  // the lock, with the entry pinned
       if (st.bytes_moved > 0 && st.shuffles == 0) seen_mid = true;
       if (l.get() != p || p[0] != i || p[1] != ~std::uint64_t{i}) failed = true;
+      l = {};
+      if (!seen_mid || held_once) continue;
+      // Once, mid-shuffle: many entries rented and held while parts run, then written
+      // through their pointers. A write is lost if the shuffle moved its entry meanwhile.
+      held_once = true;
+      std::vector<std::size_t> picked;
+      std::vector<lease<std::uint64_t>> held;
+      const std::size_t base = rng() % hs.size();
+      for (std::size_t k = 0; k < 2000; ++k) {
+        picked.push_back((base + k * 97) % hs.size());  // distinct: 97 is prime to the size
+        held.push_back(s.rent<std::uint64_t>(hs[picked.back()]));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      for (auto& h : held) h.get()[1] = 0;
+      held.clear();
+      for (const std::size_t k : picked) {
+        auto again = s.rent<std::uint64_t>(hs[k]);
+        if (again.get()[1] != 0) failed = true;
+        again.get()[1] = ~std::uint64_t{k};
+      }
     }
   });
   while (!running) std::this_thread::yield();
