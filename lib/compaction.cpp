@@ -11,29 +11,18 @@ namespace memshuffle {
 
 void shuffler::impl::compact(compact_scope scope) {
   if (full_active()) return;  // a full shuffle under way does more
-  const auto t0 = std::chrono::steady_clock::now();
+  const shuffle_timer timer{counters};
   // Everything that can fail before the first move comes first: nothing changed then.
-  try {
-    tally_arenas();
-    choose_sources(scope);
-    list_moves();
-  } catch (...) {
-    timed(t0);
-    throw;
-  }
+  tally_arenas();
+  choose_sources(scope);
+  list_moves();
   // Every entry moves out of a source, even out of the arena being filled.
   if (scope == compact_scope::every) heap.stop_filling();
   auto& c = compacting;
   for (const auto& f : c.freed)
     if (c.arenas[f.arena].source == 0) drop_freed(f.slot, f.arena);
-  try {
-    empty_sources();
-  } catch (...) {
-    timed(t0);
-    throw;
-  }
+  empty_sources();
   ++counters.shuffles;
-  timed(t0);
 }
 
 // One walk over the slots: by arena, the bytes at rest and whether an entry is pinned;

@@ -13,7 +13,7 @@
 namespace memshuffle {
 
 void shuffler::impl::begin_full() {
-  const auto t0 = std::chrono::steady_clock::now();
+  const shuffle_timer timer{counters};
   doomed.clear(), windows.clear();
   heap.index_arenas();
   const auto arenas = static_cast<std::uint32_t>(heap.arenas());
@@ -34,12 +34,11 @@ void shuffler::impl::begin_full() {
   full.arenas = arenas;
   full.total = total;
   full.unsettled = 0;
-  timed(t0);
 }
 
 bool shuffler::impl::shuffle_part() {
   using phase = full_state::phase;
-  const auto t0 = std::chrono::steady_clock::now();
+  const shuffle_timer timer{counters};
   try {
     switch (full.at) {
       case phase::grow:
@@ -67,10 +66,8 @@ bool shuffler::impl::shuffle_part() {
     // Before the first move: nothing changed but the heap's hold, which ends here.
     heap.release_hold();
     full.at = phase::idle;
-    timed(t0);
     throw;
   }
-  timed(t0);
   return full.at != phase::idle;
 }
 
@@ -193,7 +190,7 @@ void shuffler::impl::end_full() noexcept {
 
 void shuffler::impl::shuffle(std::size_t budget) {
   if (full_active()) return;  // a full shuffle under way does this work
-  const auto t0 = std::chrono::steady_clock::now();
+  const shuffle_timer timer{counters};
   const bool starting = !pass.active;
   const detail::index_permutation order =
       starting ? detail::index_permutation(table.slots(), opt.randomize_layout ? &rng : nullptr) : pass.order;
@@ -273,7 +270,6 @@ void shuffler::impl::shuffle(std::size_t budget) {
     heap.release_empty_older(serial);
     ++counters.shuffles;
   }
-  timed(t0);
 }
 
 void shuffler::impl::relocate(std::uint32_t i) noexcept {

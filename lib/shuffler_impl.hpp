@@ -175,10 +175,16 @@ struct shuffler::impl {
 
   // --- shuffling ----------------------------------------------------------------------
 
-  void timed(std::chrono::steady_clock::time_point t0) {
-    counters.shuffle_time +=
-        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
-  }
+  // Adds the time from its making to its end to shuffle_time, also when what it times
+  // throws.
+  struct shuffle_timer {
+    shuffler_stats& counters;
+    const std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+    ~shuffle_timer() {
+      counters.shuffle_time +=
+          std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
+    }
+  };
 
   // A full shuffle, rolling (docs/design.md, "Heap"): the entries at rest leave their
   // arenas interleaved at random, each into room that entries read before it left, so
