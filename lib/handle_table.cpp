@@ -1,4 +1,5 @@
 #include "handle_table.hpp"
+#include "huge_page_resource.hpp"
 
 #include <memshuffle/error.hpp>
 #include <memshuffle/os_random.hpp>
@@ -19,6 +20,12 @@ handle_table::handle_table(std::uint16_t tag, std::uint32_t first_generation, st
     : slots_(storage), first_generation_(first_generation), tag_(tag) {}
 
 handle_table::~handle_table() { secure_wipe(slots_.data(), slots_.capacity() * sizeof(entry)); }
+
+std::size_t handle_table::huge_page_bytes() const noexcept {
+  const bool huge = slots_.get_allocator().resource() == &huge_page_resource::instance() &&
+                    huge_page_resource::on_huge_pages(slots_.capacity() * sizeof(entry));
+  return huge ? metadata_bytes() : 0;
+}
 
 void handle_table::reserve_one() {
   if (free_head_ != none) return;

@@ -91,6 +91,8 @@ class handle_table {
   const entry& operator[](std::uint32_t i) const noexcept { return slots_[i]; }
   std::uint32_t slots() const noexcept { return static_cast<std::uint32_t>(slots_.size()); }
   std::size_t metadata_bytes() const noexcept { return slots_.size() * sizeof(entry); }
+  // Of metadata_bytes(), those on pages advised to be huge (the storage's block is).
+  std::size_t huge_page_bytes() const noexcept;
   std::uint16_t tag() const noexcept { return tag_; }
   // The first generation no handle of this table has used (a retired slot's included).
   std::uint32_t generations_used() const noexcept;

@@ -18,9 +18,20 @@ heap::~heap() {
   arenas_.clear();  // each arena gives its chunk back, wiped
 }
 
+void heap::record_deleter::operator()(arena* a) const noexcept {
+  a->~arena();
+  pool->deallocate(a, sizeof(arena), alignof(arena));
+}
+
 heap::arena& heap::open_arena(std::size_t capacity) {
   if (arenas_.size() == arenas_.capacity()) arenas_.reserve(arenas_.size() * 2 + 8);
-  arenas_.push_back(std::make_unique<arena>(*this, capacity, next_serial_));
+  void* record = records_.allocate(sizeof(arena), alignof(arena));
+  try {
+    arenas_.emplace_back(new (record) arena(*this, capacity, next_serial_), record_deleter{&records_});
+  } catch (...) {
+    records_.deallocate(record, sizeof(arena), alignof(arena));
+    throw;
+  }
   ++next_serial_;
   return *arenas_.back();
 }

@@ -17,6 +17,7 @@
 #include <memshuffle/arena_resource.hpp>
 
 #include "chunk_index.hpp"
+#include "huge_page_resource.hpp"
 #include "layout_rng.hpp"
 #include "poison.hpp"
 
@@ -212,7 +213,15 @@ class heap {
 
   std::pmr::memory_resource* upstream_;
   std::size_t arena_size_;
-  std::vector<std::unique_ptr<arena>> arenas_;
+  // Arena records come from a pool of their own: beside its chunk (a new of its own), each
+  // record would lie a page and a TLB entry away from the next, and walks over entries at
+  // random read a record per entry.
+  struct record_deleter {
+    std::pmr::memory_resource* pool;
+    void operator()(arena* a) const noexcept;
+  };
+  std::pmr::unsynchronized_pool_resource records_{&huge_page_resource::instance()};
+  std::vector<std::unique_ptr<arena, record_deleter>> arenas_;
   chunk_index<arena> chunks_;      // for arena_of()
   arena* current_ = nullptr;       // the arena being filled
   std::uint64_t next_serial_ = 0;

@@ -59,6 +59,7 @@ void add_to(shuffler_stats& to, const shuffler_stats& s) noexcept {
   to.reserved_bytes += s.reserved_bytes;
   to.arenas += s.arenas;
   to.metadata_bytes += s.metadata_bytes;
+  to.metadata_huge_page_bytes += s.metadata_huge_page_bytes;
   to.shuffles += s.shuffles;
   to.bytes_moved += s.bytes_moved;
   to.arenas_released += s.arenas_released;

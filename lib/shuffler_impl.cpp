@@ -46,7 +46,7 @@ shuffler::impl::impl(const shuffler_options& o, const key_type* key, const salt_
       encrypting(o.cipher != cipher_kind::none),
       tag_bytes(o.cipher == cipher_kind::aes_256_gcm ? cipher::gcm_tag_size : 0),
       on_return(o.shuffle_on_return),
-      table(tag.grant.tag, tag.grant.first_generation),
+      table(tag.grant.tag, tag.grant.first_generation, &detail::huge_page_resource::instance()),
       heap(up, o.arena_size),
       keys(o.cipher),
       rng(random_u64()),
@@ -69,6 +69,7 @@ shuffler_stats shuffler::impl::stats() const noexcept {
   st.reserved_bytes = heap.reserved_bytes();
   st.arenas = heap.arenas();
   st.metadata_bytes = table.metadata_bytes();
+  st.metadata_huge_page_bytes = table.huge_page_bytes();
   st.arenas_released = heap.arenas_released();
   return st;
 }

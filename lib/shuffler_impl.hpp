@@ -21,6 +21,7 @@
 
 #include "handle_table.hpp"
 #include "heap.hpp"
+#include "huge_page_resource.hpp"
 #include "index_permutation.hpp"
 #include "key_ring.hpp"
 #include "layout_rng.hpp"
@@ -113,7 +114,8 @@ struct shuffler::impl {
     std::vector<std::uint32_t> dropping;
     std::vector<detail::heap::where> where;
   } compacting;
-  std::vector<detail::move> plan;  // a full shuffle's moves, by source arena, in slot order
+  // A full shuffle's moves, by source arena, in slot order (visited at random: on huge pages).
+  std::pmr::vector<detail::move> plan{&detail::huge_page_resource::instance()};
   std::vector<detail::move> sort_scratch;  // sort_by_address's
   std::vector<detail::window> windows;
   std::vector<std::byte*> dest;

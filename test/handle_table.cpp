@@ -7,6 +7,7 @@
 #include <set>
 
 #include "lib/handle_table.hpp"
+#include "lib/huge_page_resource.hpp"
 #include "test/support/seed.hpp"
 
 using memshuffle::handle;
@@ -39,6 +40,18 @@ TEST_CASE("a table slot is 32 bytes and metadata_bytes counts them") {
   for (int i = 0; i < 10; ++i) take(t);
   CHECK(t.slots() == 10);
   CHECK(t.metadata_bytes() == 10 * 32);
+}
+
+TEST_CASE("slots count as on huge pages only on the huge page resource, in a block of a huge page") {
+  using memshuffle::detail::huge_page_resource;
+  const std::size_t slots = 2 * huge_page_resource::page_size() / 32;
+  handle_table plain(7);
+  handle_table huge(8, 0, &huge_page_resource::instance());
+  for (std::size_t i = 0; i < 100; ++i) take(plain), take(huge);
+  CHECK(huge.huge_page_bytes() == 0);  // 100 slots: a block of new and delete
+  for (std::size_t i = 100; i < slots; ++i) take(plain), take(huge);
+  CHECK(plain.huge_page_bytes() == 0);
+  CHECK(huge.huge_page_bytes() == (huge_page_resource::advice_taken() ? huge.metadata_bytes() : 0));
 }
 
 TEST_CASE("every handle finds its own slot and none equals invalid_handle") {

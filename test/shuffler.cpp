@@ -31,6 +31,7 @@
 #include "test/support/random_bytes.hpp"
 #include "test/support/recording_resource.hpp"
 #include "test/support/seed.hpp"
+#include "lib/huge_page_resource.hpp"
 
 #include <memshuffle/detail/sanitizers.hpp>
 #ifdef MEMSHUFFLE_ASAN
@@ -1213,6 +1214,21 @@ TEST_CASE("metadata is 32 bytes per table slot") {
   shuffler s;
   for (int i = 0; i < 100; ++i) s.create<int>();
   CHECK(s.stats().metadata_bytes == 100 * 32);
+}
+
+TEST_CASE("a table of a huge page or more reports its metadata on huge pages, or the fallback") {
+  shuffler s({.cipher = cipher_kind::none});
+  for (int i = 0; i < 100; ++i) s.create<int>();
+  CHECK(s.stats().metadata_huge_page_bytes == 0);  // 8 KiB of slots: ordinary pages
+  const std::size_t page = memshuffle::detail::huge_page_resource::page_size();
+  while (s.stats().metadata_bytes < 2 * page) s.create<int>();
+  const shuffler_stats st = s.stats();
+  if (memshuffle::detail::huge_page_resource::advice_taken()) {
+    CHECK(st.metadata_huge_page_bytes == st.metadata_bytes);
+  } else {
+    CHECK(st.metadata_huge_page_bytes == 0);
+    MESSAGE("no transparent huge pages here: the handle table stays on ordinary pages");
+  }
 }
 
 TEST_CASE("a handle from another shuffler is caught") {

@@ -67,6 +67,10 @@ struct shuffler_stats {
   std::size_t pending_free_entries = 0;  ///< freed, bytes not yet dropped by a shuffle
   std::uint64_t integrity_failures = 0;  ///< opens refused by the authenticated cipher
   std::uint64_t entries_relocated_on_return = 0;  ///< moves by shuffle on return
+  /// Of metadata_bytes, those on memory advised to use transparent huge pages (a table
+  /// of 65,536 slots or more, on Linux with them enabled); 0 where the table is smaller
+  /// or the kernel has none: ordinary pages, the fallback.
+  std::size_t metadata_huge_page_bytes = 0;
 };
 
 }  // namespace memshuffle

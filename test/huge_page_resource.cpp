@@ -1,0 +1,98 @@
+// The resource for the library's large metadata: blocks of a huge page or more mapped
+// on their own and advised to use transparent huge pages, the rest from new and delete.
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <new>
+#include <sstream>
+#include <string>
+
+#include "lib/huge_page_resource.hpp"
+
+using memshuffle::detail::huge_page_resource;
+
+namespace {
+
+// The VmFlags line of the mapping of /proc/self/smaps that holds p ("" if none does).
+std::string vm_flags_of(const void* p) {
+  const auto at = reinterpret_cast<std::uintptr_t>(p);
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    std::uintptr_t lo = 0, hi = 0;
+    char dash = 0;
+    std::istringstream range(line);
+    if (range >> std::hex >> lo >> dash >> hi && dash == '-') {
+      inside = lo <= at && at < hi;
+    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+      return line;
+    }
+  }
+  return "";
+}
+
+// What the kernel says of transparent huge pages: absent, or its mode is never.
+bool kernel_refuses_huge_pages() {
+  std::ifstream mode("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string line;
+  return !std::getline(mode, line) || line.find("[never]") != std::string::npos;
+}
+
+}  // namespace
+
+TEST_CASE("a block of a huge page or more is mapped on its own, aligned to the huge page size") {
+  huge_page_resource& r = huge_page_resource::instance();
+  const std::size_t page = huge_page_resource::page_size();
+  REQUIRE(page >= 4096);
+  CHECK((page & (page - 1)) == 0);
+  const std::size_t before = r.mapped_bytes();
+  void* p = r.allocate(2 * page + 1, 64);
+  CHECK(reinterpret_cast<std::uintptr_t>(p) % page == 0);
+  CHECK(r.mapped_bytes() == before + 3 * page);
+  std::memset(p, 0xA5, 2 * page + 1);
+  CHECK(static_cast<unsigned char*>(p)[2 * page] == 0xA5);
+  r.deallocate(p, 2 * page + 1, 64);
+  CHECK(r.mapped_bytes() == before);
+}
+
+TEST_CASE("a block smaller than a huge page comes from new and delete, not from a mapping") {
+  huge_page_resource& r = huge_page_resource::instance();
+  const std::size_t before = r.mapped_bytes();
+  void* p = r.allocate(4096, 256);
+  CHECK(reinterpret_cast<std::uintptr_t>(p) % 256 == 0);
+  CHECK(r.mapped_bytes() == before);
+  std::memset(p, 1, 4096);
+  r.deallocate(p, 4096, 256);
+}
+
+TEST_CASE("a block the system cannot map throws std::bad_alloc and maps nothing") {
+  huge_page_resource& r = huge_page_resource::instance();
+  const std::size_t before = r.mapped_bytes();
+  CHECK_THROWS_AS((void)r.allocate(std::numeric_limits<std::size_t>::max() / 2, 8), std::bad_alloc);
+  CHECK_THROWS_AS((void)r.allocate(std::numeric_limits<std::size_t>::max() - 1, 8), std::bad_alloc);
+  CHECK(r.mapped_bytes() == before);
+}
+
+TEST_CASE("a mapped block carries the huge page advice where the kernel takes it, and says so where not") {
+  huge_page_resource& r = huge_page_resource::instance();
+  const std::size_t page = huge_page_resource::page_size();
+  void* p = r.allocate(page, 8);
+  static_cast<char*>(p)[0] = 1;
+  const std::string flags = vm_flags_of(p);
+  REQUIRE(!flags.empty());
+  const bool advised = flags.find(" hg") != std::string::npos;
+  if (kernel_refuses_huge_pages()) {
+    CHECK_FALSE(huge_page_resource::advice_taken());
+    MESSAGE("this kernel has no transparent huge pages: metadata stays on ordinary pages");
+  } else {
+    CHECK(huge_page_resource::advice_taken() == advised);
+    if (!advised) MESSAGE("the kernel refused MADV_HUGEPAGE: metadata stays on ordinary pages");
+  }
+  CHECK(huge_page_resource::on_huge_pages(page) == huge_page_resource::advice_taken());
+  CHECK_FALSE(huge_page_resource::on_huge_pages(page - 1));
+  r.deallocate(p, page, 8);
+}
