@@ -226,7 +226,7 @@ struct rolling {
     sequence.resize(moves.size());
   }
   void begin(heap& h, layout_rng* rng = nullptr) {
-    h.begin_shuffle(moves, windows, {}, rng, sequence);
+    h.begin_shuffle(moves, windows, rng, sequence);
   }
   void run(heap& h, layout_rng* rng = nullptr) {
     begin(h, rng);
@@ -333,7 +333,7 @@ std::vector<placed> shuffle_all(heap& h, std::vector<placed> entries, layout_rng
     windows.back().bytes += entries[i].bytes;
   }
   std::vector<std::uint32_t> sequence(moves.size());
-  h.begin_shuffle(moves, windows, {}, rng, sequence);
+  h.begin_shuffle(moves, windows, rng, sequence);
   h.run_moves(moves, sequence);
   h.end_shuffle();
   for (const auto& m : moves) {
@@ -385,7 +385,7 @@ TEST_CASE("a shuffle in parts keeps in place the entries pinned when their turn 
     rolling r(h, old, 64);
     h.hold();
     layout_rng rng(5);
-    h.begin_shuffle(r.moves, r.windows, {}, random ? &rng : nullptr);
+    h.begin_shuffle(r.moves, r.windows, random ? &rng : nullptr);
     // Every seventh entry is pinned when its turn comes; entries are placed between parts.
     const memshuffle::detail::keep_test every_seventh{
         nullptr, [](const void*, const memshuffle::detail::move& m) noexcept { return m.slot % 7 == 0; }};
@@ -433,7 +433,7 @@ struct pinned_set {
 void run_in_parts(heap& h, rolling& r, const pinned_set& pinned, layout_rng* rng) {
   h.index_arenas();
   h.hold();
-  h.begin_shuffle(r.moves, r.windows, {}, rng);
+  h.begin_shuffle(r.moves, r.windows, rng);
   std::vector<std::uint32_t> part(64);
   while (const std::size_t n = h.plan_part(r.moves, r.windows, rng, pinned.test(), part))
     h.run_moves(r.moves, std::span(part).first(n));
