@@ -106,11 +106,10 @@ class heap {
   // a window drawn at random), and the arena being filled changes to one drawn at
   // random among those with room; without it, windows are read one after the other in
   // the order given, so the order is kept. The arenas needed for the live bytes (the
-  // fullest) are the destinations, the others are drained and given back at the end;
-  // arenas holding an entry at stay are never written. On std::bad_alloc the heap is
-  // exactly as before; once it returns, plan_part, run_moves and end_shuffle follow.
-  void begin_shuffle(std::span<move> moves, std::span<const window> windows,
-                     std::span<std::byte* const> stay, layout_rng* rng);
+  // fullest) are the destinations, the others are drained and given back at the end.
+  // On std::bad_alloc the heap is exactly as before; once it returns, plan_part,
+  // run_moves and end_shuffle follow.
+  void begin_shuffle(std::span<move> moves, std::span<const window> windows, layout_rng* rng);
   // Plans the next steps, as many as sequence holds, writing the moves' order there;
   // returns how many (0: every move is planned). Sets each move's destination, opening
   // fresh arenas only when no destination has room. A move whose entry keep says must
@@ -121,13 +120,11 @@ class heap {
                         std::span<std::uint32_t> sequence);
   // begin_shuffle and a plan of every move at once into sequence, nothing kept; on
   // std::bad_alloc the heap is exactly as before.
-  void begin_shuffle(std::span<move> moves, std::span<const window> windows,
-                     std::span<std::byte* const> stay, layout_rng* rng, std::span<std::uint32_t> sequence);
+  void begin_shuffle(std::span<move> moves, std::span<const window> windows, layout_rng* rng,
+                     std::span<std::uint32_t> sequence);
   // Copies every entry to its destination, in the planned sequence (each write lands on
   // bytes whose entries have been copied out already), and wipes the padding between.
   void run_moves(std::span<const move> moves, std::span<const std::uint32_t> sequence) noexcept;
-  // A freed entry's bytes, dropped during the shuffle.
-  void drop(std::byte* p, std::size_t bytes) noexcept;
   // Wipes what no entry covers any more, gives back every arena left empty; the last
   // destination filled is the arena being filled. moves: the plan's (for the entries
   // kept in place). Ends hold().
@@ -170,7 +167,6 @@ class heap {
     std::uintptr_t w, f;       // the room: [w, f) left by departed entries, not written yet
     std::uint32_t roomy = 0;   // its index in roomy_ plus one, 0 when not there
     std::uint32_t written = 0; // entries placed here
-    std::uint32_t moved = 0;   // entries that leave it
     std::uint32_t kept = 0;    // entries kept in place when their turn came, listed by
     std::uint32_t kept_first = ~std::uint32_t{0};  // ascending address from this move
     std::uint32_t kept_last = ~std::uint32_t{0};   // through align_log2
@@ -180,9 +176,9 @@ class heap {
     std::uint8_t role = 0;
   };
   enum : std::uint8_t {
-    keeps_entry = 1, has_window = 2, destination = 4, placed_alone = 8,
-    room_capped = 16,  // the room ends below a kept entry for good (no memory to note a gap)
-    outside = 32       // opened for allocations during the shuffle: not the shuffle's
+    has_window = 1, destination = 2, placed_alone = 4,
+    room_capped = 8,  // the room ends below a kept entry for good (no memory to note a gap)
+    outside = 16      // opened for allocations during the shuffle: not the shuffle's
   };
 
   arena& open_arena(std::size_t capacity);
@@ -249,7 +245,6 @@ class heap {
   std::size_t room_ = 0;                   // bytes of room over all destinations
   std::uint32_t filling_ = 0;              // the destination being filled, if any
   bool has_filling_ = false;
-  bool keeps_any_ = false;                 // an arena keeps an entry that stays
   const move* kept_moves_ = nullptr;       // the plan's moves, for the barriers' chains
   // The bytes a destination's writes passed over below a kept entry: wiped at the end.
   // Reserved as entries are kept (gap_slots_ of them), so a move never allocates.

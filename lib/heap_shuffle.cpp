@@ -26,8 +26,7 @@ std::uintptr_t align_up(std::uintptr_t at, std::uint32_t align_log2) {
 }
 }  // namespace
 
-void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
-                         std::span<std::byte* const> stay, layout_rng* rng) {
+void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows, layout_rng* rng) {
   const std::size_t count = arenas_.size();
   // Scratch only: on std::bad_alloc here the heap is untouched.
   plan_.assign(count, planned{});
@@ -39,8 +38,6 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
   ready_at_.resize(windows.size());
   crediting_.clear(), draining_.clear();
   crediting_.reserve(windows.size()), draining_.reserve(windows.size());
-  for (std::byte* p : stay) plan_[arena_number(p)].role |= keeps_entry;
-  keeps_any_ = !stay.empty();
   gaps_.clear();
   gap_slots_ = 0;
   kept_moves_ = moves.data();
@@ -51,7 +48,6 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
                                      [](const move& x, const move& y) { return x.from < y.from; }),
                       "heap::begin_shuffle: a window's moves must be sorted by address");
     plan_[w.arena].role |= has_window;
-    plan_[w.arena].moved = w.last - w.first;
     cursor_[i] = w.first;
     total_ += w.last - w.first;
   }
@@ -85,10 +81,10 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
   for (std::size_t d = 0; rng != nullptr && d < ahead && d < total_; ++d) drawn_[d] = draw(moves, *rng);
 }
 
-void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
-                         std::span<std::byte* const> stay, layout_rng* rng, std::span<std::uint32_t> sequence) {
+void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows, layout_rng* rng,
+                         std::span<std::uint32_t> sequence) {
   const std::size_t count = arenas_.size();
-  begin_shuffle(moves, windows, stay, rng);
+  begin_shuffle(moves, windows, rng);
   try {
     std::size_t step = 0;
     while (step < sequence.size()) {
@@ -114,9 +110,9 @@ std::size_t heap::plan_part(std::span<move> moves, std::span<const window> windo
   return n;
 }
 
-// The destinations: the fullest arenas that are plain (not of their own, keeping no
-// pinned entry), as many as hold the live bytes but one, and one empty arena if there
-// is one; the room a fresh arena brings makes up the rest. The others are drained.
+// The destinations: the fullest arenas that are plain (not of their own), as many as
+// hold the live bytes but one, and one empty arena if there is one; the room a fresh
+// arena brings makes up the rest. The others are drained.
 void heap::choose_destinations(std::span<const window> windows) {
   std::vector<std::pair<std::size_t, std::uint32_t>> plain;  // live bytes, number
   plain.reserve(arenas_.size());
@@ -125,7 +121,7 @@ void heap::choose_destinations(std::span<const window> windows) {
   std::size_t total = 0, usable = arena_size_;
   for (std::uint32_t i = 0; i < arenas_.size(); ++i) {
     const arena& a = *arenas_[i];
-    if ((plan_[i].role & (keeps_entry | outside)) || a.capacity != arena_size_ || !a.has_chunk) continue;
+    if ((plan_[i].role & outside) || a.capacity != arena_size_ || !a.has_chunk) continue;
     plain.push_back({live[i], i});
     total += live[i];
     usable = std::min<std::size_t>(usable, a.limit - a.base);
@@ -220,7 +216,6 @@ void heap::keep_in_place(std::span<move> moves, std::uint32_t k, std::uint32_t n
     p.kept_first = k;
   p.kept_last = k;
   ++p.kept;
-  --p.moved;
   if (!(p.role & destination) || (p.role & room_capped)) return;
   if (!reserve_gap()) {
     p.role |= room_capped;
@@ -427,20 +422,7 @@ void heap::run_moves(std::span<const move> moves, std::span<const std::uint32_t>
       poison(m.to - m.align_log2, m.align_log2);
     }
     std::memcpy(m.to, m.from, m.bytes);
-    if (keeps_any_ && (plan_[arena_number(m.from)].role & keeps_entry)) {
-      secure_wipe(m.from, m.bytes);  // its arena stays: nothing else will cover it
-      poison(m.from, m.bytes);
-    }
   }
-}
-
-void heap::drop(std::byte* p, std::size_t bytes) noexcept {
-  if (!keeps_any_) return;  // the bytes lie where a new entry or the end's wipe covers them
-  const std::uint32_t number = arena_number(p);
-  if (!(plan_[number].role & keeps_entry)) return;
-  secure_wipe(p, bytes);
-  poison(p, bytes);
-  --arenas_[number]->entries;
 }
 
 namespace {
@@ -463,9 +445,7 @@ void heap::end_shuffle(std::span<const move> moves) noexcept {
     const planned& p = plan_[i];
     arena& a = *arenas_[i];
     if (p.role & outside) continue;
-    if (p.role & keeps_entry) {
-      a.entries -= p.moved;
-    } else if (p.role & placed_alone) {
+    if (p.role & placed_alone) {
       a.entries = 1;
       a.serial = next_serial_++;
     } else if ((p.role & destination) && p.written + p.kept != 0) {

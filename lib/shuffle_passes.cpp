@@ -143,7 +143,7 @@ void shuffler::impl::sort_part() {
 }
 
 void shuffler::impl::begin_moves() {
-  heap.begin_shuffle(plan, windows, {}, opt.randomize_layout ? &rng : nullptr);
+  heap.begin_shuffle(plan, windows, opt.randomize_layout ? &rng : nullptr);
   full.at = full_state::phase::move;
 }
 
@@ -169,13 +169,11 @@ void shuffler::impl::move_part() {
   if (n == 0) full.at = full_state::phase::drop, full.cursor = 0;
 }
 
+// The freed entries' slots go back. Their bytes need nothing now: in the shuffle's
+// arenas a new entry or the end's wipe covers them.
 void shuffler::impl::drop_part() noexcept {
   const auto end = static_cast<std::uint32_t>(std::min<std::size_t>(doomed.size(), full.cursor + part_slots));
-  for (std::uint32_t k = full.cursor; k < end; ++k) {
-    const std::uint32_t i = doomed[k];
-    heap.drop(table[i].data, stored_bytes(table[i]));
-    table.recycle(i);
-  }
+  for (std::uint32_t k = full.cursor; k < end; ++k) table.recycle(doomed[k]);
   counters.pending_free_entries -= end - full.cursor;
   full.cursor = end;
   if (end == doomed.size()) full.at = full_state::phase::end;
