@@ -32,8 +32,10 @@ namespace detail {
 void free_when_returned(shuffler& owner, handle h) noexcept;
 
 // Sets the ordinal of the calling thread: its allocations go to shard ordinal %
-// shuffler_options::shards of any shuffler. Every thread gets one by itself, in the
-// order threads first allocate; tests and the fuzzer set it to place entries at will.
+// shuffler_options::shards of any shuffler. Every thread otherwise takes one on its
+// first allocation, the lowest no live thread holds, and gives it back when it ends;
+// tests and the fuzzer set it to place entries at will. The ordinal the thread had
+// taken is given back now; one set here is never given back, nor kept from others.
 void set_thread_ordinal(std::size_t ordinal) noexcept;
 
 // Entries are moved with memcpy, so only trivially copyable, non-empty object types.
