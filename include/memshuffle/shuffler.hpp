@@ -38,6 +38,14 @@ void free_when_returned(shuffler& owner, handle h) noexcept;
 // taken is given back now; one set here is never given back, nor kept from others.
 void set_thread_ordinal(std::size_t ordinal) noexcept;
 
+// Test hooks that interleave a full shuffle and a key rotation from one thread.
+// Runs the next part of the full shuffle of h's shard, beginning one if none is under
+// way; returns whether parts remain (shuffle() on that shard waits until none do).
+bool full_shuffle_part(shuffler& owner, handle h);
+// f(context) runs in every batch of a key rotation, once the batch's entries are marked
+// sealing and the shard's lock is released, before they are re-encrypted; null: none.
+void set_rotation_batch_hook(void (*f)(void*), void* context) noexcept;
+
 // Entries are moved with memcpy, so only trivially copyable, non-empty object types.
 template <class T>
 inline constexpr bool storable_v = std::is_object_v<T> && !std::is_array_v<T> &&
@@ -185,6 +193,7 @@ class shuffler {
   rented rent_bytes(handle h, std::size_t size, std::size_t alignment);
 
   friend void detail::free_when_returned(shuffler&, handle) noexcept;
+  friend bool detail::full_shuffle_part(shuffler&, handle);
 
   std::unique_ptr<shard_set> s_;
 };
