@@ -2,6 +2,7 @@
 // under it in batches whose AES work runs outside the lock (docs/design.md,
 // "Encryption at rest"), in a scratch buffer of secret memory.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <new>
 #include <vector>
@@ -12,6 +13,21 @@
 #include "shuffler_sync.hpp"
 
 namespace memshuffle {
+
+namespace {
+// detail::set_rotation_batch_hook's function and its argument.
+constinit std::atomic<void (*)(void*)> batch_hook{nullptr};
+constinit std::atomic<void*> batch_hook_context{nullptr};
+
+void run_batch_hook() noexcept {
+  if (auto* f = batch_hook.load(std::memory_order_acquire)) f(batch_hook_context.load(std::memory_order_relaxed));
+}
+}  // namespace
+
+void detail::set_rotation_batch_hook(void (*f)(void*), void* context) noexcept {
+  batch_hook_context.store(context, std::memory_order_relaxed);
+  batch_hook.store(f, std::memory_order_release);
+}
 
 void shuffler::synchronized::rotate(std::unique_lock<std::mutex>& lk, const key_type* key, const salt_type* salt) {
   impl::scratch_buffer scratch(core.scratch_resource());
@@ -31,6 +47,7 @@ void shuffler::synchronized::rotate(std::unique_lock<std::mutex>& lk, const key_
           return batch.empty() ? work_at::nowhere : work_at::outside;
         },
         [&] {
+          run_batch_hook();
           // The entries lie all over the heap: each one's bytes are asked for early.
           constexpr std::size_t ahead = 8;
           for (std::size_t k = 0; k < std::min(ahead, batch.size()); ++k) __builtin_prefetch(batch[k].data, 1);

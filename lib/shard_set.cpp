@@ -5,6 +5,7 @@
 #include <memshuffle/os_random.hpp>
 #include <memshuffle/secure_wipe.hpp>
 
+#include <bit>
 #include <limits>
 #include <new>
 #include <optional>
@@ -19,12 +20,63 @@ namespace memshuffle {
 
 namespace {
 
+// Thread ordinals: a thread takes the lowest one no live thread holds and gives it back
+// when it ends, so a program that starts many short-lived threads keeps to the shards
+// it has made. The first reusable_ordinals are bits of a fixed bitmap, taken and given
+// back by compare-exchange: no lock, so a child of fork() never waits for one that
+// another thread of its parent held. Beyond them a counter hands out ordinals for good.
 constexpr std::size_t no_ordinal = std::numeric_limits<std::size_t>::max();
-constinit std::atomic<std::size_t> next_ordinal{0};
+constexpr std::size_t reusable_ordinals = 1024;
+constinit std::array<std::atomic<std::uint64_t>, reusable_ordinals / 64> taken_ordinals{};
+constinit std::atomic<std::size_t> next_ordinal{reusable_ordinals};
+
+// Read on every allocation: trivial, so it is read without a call to a TLS wrapper.
 constinit thread_local std::size_t thread_ordinal = no_ordinal;
+// Whether thread_ordinal was taken, so is given back, rather than set by hand.
+constinit thread_local bool ordinal_taken = false;
+
+std::size_t take_lowest_ordinal() noexcept {
+  for (std::size_t w = 0; w < taken_ordinals.size(); ++w) {
+    std::uint64_t bits = taken_ordinals[w].load(std::memory_order_relaxed);
+    while (bits != ~std::uint64_t{0}) {
+      const int b = std::countr_one(bits);
+      if (taken_ordinals[w].compare_exchange_weak(bits, bits | (std::uint64_t{1} << b), std::memory_order_relaxed))
+        return w * 64 + static_cast<std::size_t>(b);
+    }
+  }
+  return next_ordinal.fetch_add(1, std::memory_order_relaxed);
+}
+
+void give_back_taken_ordinal() noexcept {
+  if (!ordinal_taken) return;
+  ordinal_taken = false;
+  if (thread_ordinal < reusable_ordinals)
+    taken_ordinals[thread_ordinal / 64].fetch_and(~(std::uint64_t{1} << thread_ordinal % 64), std::memory_order_relaxed);
+}
+
+// Gives a taken ordinal back when its thread ends. It has a destructor, so reaching it
+// goes through a TLS wrapper: only a thread taking an ordinal touches it.
+struct ordinal_at_exit {
+  ~ordinal_at_exit() {
+    if (!ordinal_taken) return;
+    give_back_taken_ordinal();
+    // A thread_local destructor that runs later and allocates uses shard 0, which
+    // always exists, rather than take an ordinal again.
+    thread_ordinal = 0;
+  }
+};
+thread_local ordinal_at_exit at_exit;
+
+[[gnu::noinline]] std::size_t take_ordinal() noexcept {
+  thread_ordinal = take_lowest_ordinal();
+  ordinal_taken = true;
+  static_cast<void>(at_exit);  // its first touch registers its destructor
+  return thread_ordinal;
+}
 
 std::size_t ordinal() noexcept {
-  if (thread_ordinal == no_ordinal) thread_ordinal = next_ordinal.fetch_add(1, std::memory_order_relaxed);
+  if (thread_ordinal == no_ordinal) [[unlikely]]
+    return take_ordinal();
   return thread_ordinal;
 }
 
@@ -75,7 +127,10 @@ void add_to(shuffler_stats& to, const shuffler_stats& s) noexcept {
 
 }  // namespace
 
-void detail::set_thread_ordinal(std::size_t o) noexcept { thread_ordinal = o; }
+void detail::set_thread_ordinal(std::size_t o) noexcept {
+  give_back_taken_ordinal();
+  thread_ordinal = o;  // held by hand: never given back, nor kept from other threads
+}
 
 shuffler::shard_set::shard_set(const shuffler_options& o, const key_type* key, const salt_type* salt,
                                std::pmr::memory_resource* up)

@@ -208,6 +208,20 @@ void shuffler::synchronized::shuffle_in_parts(std::unique_lock<std::mutex>& lk) 
   }
 }
 
+bool detail::full_shuffle_part(shuffler& owner, handle h) {
+  shuffler::synchronized& s = owner.s_->of(h);
+  auto lk = s.lock();
+  // Destroyed before lk: a shuffle() waiting for this one wakes under the lock.
+  const struct wake_when_ended {
+    shuffler::synchronized& s;
+    ~wake_when_ended() {
+      if (!s.core.full_active()) s.cv.notify_all();
+    }
+  } wake{s};
+  if (!s.core.full_active()) s.core.begin_full();
+  return s.core.shuffle_part();
+}
+
 void shuffler::shuffle() {
   s_->check_fork();
   s_->each([](synchronized& s) {

@@ -2,7 +2,8 @@
 // upstream is scanned (the recording upstream keeps freed blocks), and ciphertext is
 // read and altered in place at an entry's address. Each test here would catch one of
 // the seed library's faults: a shared counter block, keystream reused on return, no
-// authentication, moved-from copies not wiped, the key left behind.
+// authentication, moved-from copies not wiped, the key left behind. Key rotation keeps
+// every value, also when it runs between the parts of a full shuffle.
 #include <doctest/doctest.h>
 #include <test/support/seed.hpp>
 
@@ -22,6 +23,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 using memshuffle::cipher_kind;
@@ -316,6 +318,59 @@ TEST_CASE("key rotation, random and fixed, keeps every value, also with leases o
       CHECK(get(s, hs[i]) == model[i]);
     }
     CHECK(s.stats().key_rotations == 3);
+  }
+}
+
+TEST_CASE("a full shuffle in parts leaves in place the entries a key rotation marked for re-encryption after it began") {
+  // One thread: the shuffle runs k parts, then the rotation begins and the rest of the
+  // shuffle runs while the rotation's first batch is sealing, for every k (before and
+  // after the shuffle gathered the slots, and between its moves). An entry moved then
+  // would be re-encrypted where it was and read under a key it is not under.
+  struct interleaved {
+    shuffler& s;
+    handle h;
+    bool shuffled = false;
+  };
+  const auto rest_of_shuffle = [](void* p) {
+    auto& in = *static_cast<interleaved*>(p);
+    if (std::exchange(in.shuffled, true)) return;
+    while (memshuffle::detail::full_shuffle_part(in.s, in.h)) {
+    }
+  };
+  const struct unhook {
+    ~unhook() { memshuffle::detail::set_rotation_batch_hook(nullptr, nullptr); }
+  } unhook;
+  for (auto kind : encrypting_ciphers) {
+    const std::string cipher = name(kind);
+    CAPTURE(cipher);
+    for (std::size_t k = 0;; ++k) {
+      CAPTURE(k);
+      shuffler s({.cipher = kind, .arena_size = 4096});
+      std::vector<handle> hs;
+      for (int i = 0; i < 1000; ++i) {
+        hs.push_back(s.alloc<std::byte>(32));
+        put(s, hs.back(), marker(i));
+      }
+      std::size_t part = 0;
+      while (part < k && memshuffle::detail::full_shuffle_part(s, hs[0])) ++part;
+      if (part < k) break;  // the shuffle took fewer parts: every k was tried
+      interleaved in{s, hs[0]};
+      memshuffle::detail::set_rotation_batch_hook(rest_of_shuffle, &in);
+      s.rotate_key();
+      memshuffle::detail::set_rotation_batch_hook(nullptr, nullptr);
+      CHECK(in.shuffled);
+      CHECK(s.stats().shuffles == 1);
+      std::size_t wrong = 0;
+      for (std::size_t i = 0; i < hs.size(); ++i) {
+        try {
+          if (get(s, hs[i]) != marker(static_cast<int>(i))) ++wrong;
+        } catch (const memshuffle::integrity_error&) {
+          ++wrong;
+        }
+      }
+      CHECK(wrong == 0);
+      CHECK(s.stats().integrity_failures == 0);
+    }
   }
 }
 

@@ -1,7 +1,8 @@
-// The shuffler's shards (shuffler_options::shards): where a thread's allocations go,
-// that any thread reaches any shard's entries, the calls that span every shard, the
-// shards' keys derived from a given key, and threads in shards of their own over an
-// upstream that is not thread safe (the thread sanitizer build runs this suite).
+// The shuffler's shards (shuffler_options::shards): where a thread's allocations go
+// (the ordinal it takes and gives back), that any thread reaches any shard's entries,
+// the calls that span every shard, the shards' keys derived from a given key, and
+// threads in shards of their own over an upstream that is not thread safe (the thread
+// sanitizer build runs this suite).
 #include <doctest/doctest.h>
 
 #include <crypto++/aes.h>
@@ -9,6 +10,9 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <latch>
+#include <set>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -32,12 +36,48 @@ struct as_ordinal {
   ~as_ordinal() { detail::set_thread_ordinal(0); }
 };
 
-handle alloc_as(shuffler& s, std::size_t ordinal, std::uint64_t value) {
-  const as_ordinal o(ordinal);
+handle alloc_here(shuffler& s, std::uint64_t value) {
   const handle h = s.create<std::uint64_t>();
   *s.rent<std::uint64_t>(h) = value;
   return h;
 }
+
+handle alloc_as(shuffler& s, std::size_t ordinal, std::uint64_t value) {
+  const as_ordinal o(ordinal);
+  return alloc_here(s, value);
+}
+
+// Allocates in a thread of its own, which then ends (and gives its ordinal back).
+handle alloc_in_ended_thread(shuffler& s, std::uint64_t value) {
+  handle h = invalid_handle;
+  std::thread([&] { h = alloc_here(s, value); }).join();
+  return h;
+}
+
+// A thread that runs f and then stays alive, holding the ordinal it took, until end().
+class live_thread {
+ public:
+  explicit live_thread(std::function<void()> f)
+      : thread_([this, f = std::move(f)] {
+          f();
+          ran_.count_down();
+          ended_.wait();
+        }) {
+    ran_.wait();
+  }
+  ~live_thread() { end(); }
+  live_thread(const live_thread&) = delete;
+  live_thread& operator=(const live_thread&) = delete;
+  void end() {
+    if (!thread_.joinable()) return;
+    ended_.count_down();
+    thread_.join();
+  }
+
+ private:
+  std::latch ran_{1}, ended_{1};
+  std::thread thread_;  // last: it starts once the latches exist
+};
 
 std::uint64_t value_of(shuffler& s, handle h) { return *s.rent<const std::uint64_t>(h); }
 
@@ -91,6 +131,55 @@ TEST_CASE("a thread whose shard cannot be made for want of a handle tag allocate
   const handle later = alloc_as(s, 1, 3);
   CHECK(tag_of(later) != tag_of(first));
   CHECK(value_of(s, later) == 3);
+}
+
+TEST_CASE("threads started and ended one after another each take the ordinal of the one before") {
+  tracking_resource upstream;
+  shuffler s({.shards = 8}, &upstream);
+  const as_ordinal main_thread(0);  // set by hand: the threads below take the lowest ones
+  handle held = invalid_handle;
+  const live_thread holder([&] { held = alloc_here(s, 100); });  // keeps one ordinal taken
+  std::vector<handle> hs;
+  for (std::uint64_t t = 0; t < 20; ++t) hs.push_back(alloc_in_ended_thread(s, t));
+  for (const handle h : hs) CHECK(tag_of(h) == tag_of(hs[0]));
+  CHECK(tag_of(hs[0]) != tag_of(held));
+  // Two shards made, the holder's and theirs, each with one arena; not eight.
+  CHECK(s.stats().arenas == 2);
+  CHECK(s.stats().reserved_bytes == upstream.stats().current_bytes);
+  for (std::uint64_t t = 0; t < hs.size(); ++t) CHECK(value_of(s, hs[t]) == t);
+  CHECK(value_of(s, held) == 100);
+}
+
+TEST_CASE("a new thread takes the ordinal of an ended thread, never one a live thread holds") {
+  shuffler s({.shards = 8});
+  const as_ordinal main_thread(0);
+  handle a = invalid_handle, c = invalid_handle;
+  const live_thread alive([&] { a = alloc_here(s, 1); });
+  const handle b = alloc_in_ended_thread(s, 2);
+  REQUIRE(tag_of(b) != tag_of(a));
+  const live_thread after([&] { c = alloc_here(s, 3); });
+  CHECK(tag_of(c) == tag_of(b));
+  CHECK(tag_of(c) != tag_of(a));
+}
+
+TEST_CASE("an ordinal set by hand gives back the one the thread took, and is never given back itself") {
+  shuffler s({.shards = 8});
+  const as_ordinal main_thread(0);
+  handle first = invalid_handle, taken = invalid_handle, again = invalid_handle;
+  live_thread holder([&] { first = alloc_here(s, 0); });  // takes ordinal 0
+  // Takes ordinal 1, then holds 1 by hand: 1 is free for others at once.
+  live_thread by_hand([&] {
+    taken = alloc_here(s, 1);
+    detail::set_thread_ordinal(1);
+  });
+  REQUIRE(tag_of(taken) != tag_of(first));
+  live_thread next([&] { again = alloc_here(s, 2); });
+  CHECK(tag_of(again) == tag_of(taken));
+  // Its end gives nothing back: ordinal 1 stays with the thread that took it.
+  by_hand.end();
+  const handle later = alloc_in_ended_thread(s, 3);
+  CHECK(tag_of(later) != tag_of(again));
+  CHECK(tag_of(later) != tag_of(first));
 }
 
 TEST_CASE("a shard count of 0 or above 64 is refused") {
@@ -261,6 +350,30 @@ TEST_CASE("threads in shards of their own keep their entries apart over an upstr
     CHECK(s.stats().reserved_bytes == upstream.stats().current_bytes);
   }
   CHECK_FALSE(upstream.has_leaks());
+}
+
+TEST_CASE("threads alive at once never share an ordinal, and the next ones take the same ordinals back") {
+  shuffler s({.shards = 64});
+  const as_ordinal main_thread(0);
+  constexpr std::size_t n = 16;
+  // n threads that each allocate, then wait until all have, so all hold theirs at once.
+  const auto tags_of_a_wave = [&] {
+    std::array<handle, n> hs{};
+    std::latch all_allocated(n);
+    std::vector<std::thread> threads;
+    for (std::size_t t = 0; t < n; ++t)
+      threads.emplace_back([&, t] {
+        hs[t] = alloc_here(s, t);
+        all_allocated.arrive_and_wait();
+      });
+    for (auto& th : threads) th.join();
+    std::set<std::uint16_t> tags;
+    for (const handle h : hs) tags.insert(tag_of(h));
+    return tags;
+  };
+  const std::set<std::uint16_t> first = tags_of_a_wave();
+  CHECK(first.size() == n);
+  CHECK(tags_of_a_wave() == first);
 }
 
 }  // TEST_SUITE

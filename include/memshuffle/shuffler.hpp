@@ -32,9 +32,19 @@ namespace detail {
 void free_when_returned(shuffler& owner, handle h) noexcept;
 
 // Sets the ordinal of the calling thread: its allocations go to shard ordinal %
-// shuffler_options::shards of any shuffler. Every thread gets one by itself, in the
-// order threads first allocate; tests and the fuzzer set it to place entries at will.
+// shuffler_options::shards of any shuffler. Every thread otherwise takes one on its
+// first allocation, the lowest no live thread holds, and gives it back when it ends;
+// tests and the fuzzer set it to place entries at will. The ordinal the thread had
+// taken is given back now; one set here is never given back, nor kept from others.
 void set_thread_ordinal(std::size_t ordinal) noexcept;
+
+// Test hooks that interleave a full shuffle and a key rotation from one thread.
+// Runs the next part of the full shuffle of h's shard, beginning one if none is under
+// way; returns whether parts remain (shuffle() on that shard waits until none do).
+bool full_shuffle_part(shuffler& owner, handle h);
+// f(context) runs in every batch of a key rotation, once the batch's entries are marked
+// sealing and the shard's lock is released, before they are re-encrypted; null: none.
+void set_rotation_batch_hook(void (*f)(void*), void* context) noexcept;
 
 // Entries are moved with memcpy, so only trivially copyable, non-empty object types.
 template <class T>
@@ -183,6 +193,7 @@ class shuffler {
   rented rent_bytes(handle h, std::size_t size, std::size_t alignment);
 
   friend void detail::free_when_returned(shuffler&, handle) noexcept;
+  friend bool detail::full_shuffle_part(shuffler&, handle);
 
   std::unique_ptr<shard_set> s_;
 };
