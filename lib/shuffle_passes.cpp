@@ -80,12 +80,12 @@ void shuffler::impl::gather_part() {
   for (std::uint32_t i = full.cursor; i < end; ++i) {
     const entry& e = table[i];
     if (e.st() == entry_state::unused) continue;
+    const std::uint32_t a = heap.arena_number(e.data);
+    if (a >= full.arenas) continue;  // freed or not, the next shuffle's: its arena keeps its count
     if (e.st() == entry_state::doomed) {
       doomed.push_back(i);
       continue;
     }
-    const std::uint32_t a = heap.arena_number(e.data);
-    if (a >= full.arenas) continue;
     if (e.st() != entry_state::at_rest) ++full.unsettled;  // looked at again at its turn
     plan[run_end[a]++] = {e.data, nullptr, stored_bytes(e), i, static_cast<std::uint32_t>(e.align_log2)};
     run_bytes[a] += stored_bytes(e);
