@@ -7,33 +7,14 @@
 #include <fstream>
 #include <limits>
 #include <new>
-#include <sstream>
 #include <string>
 
 #include "lib/huge_page_resource.hpp"
+#include "test/support/smaps.hpp"
 
 using memshuffle::detail::huge_page_resource;
 
 namespace {
-
-// The VmFlags line of the mapping of /proc/self/smaps that holds p ("" if none does).
-std::string vm_flags_of(const void* p) {
-  const auto at = reinterpret_cast<std::uintptr_t>(p);
-  std::ifstream smaps("/proc/self/smaps");
-  std::string line;
-  bool inside = false;
-  while (std::getline(smaps, line)) {
-    std::uintptr_t lo = 0, hi = 0;
-    char dash = 0;
-    std::istringstream range(line);
-    if (range >> std::hex >> lo >> dash >> hi && dash == '-') {
-      inside = lo <= at && at < hi;
-    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
-      return line;
-    }
-  }
-  return "";
-}
 
 // What the kernel says of transparent huge pages: absent, or its mode is never.
 bool kernel_refuses_huge_pages() {
@@ -82,9 +63,8 @@ TEST_CASE("a mapped block carries the huge page advice where the kernel takes it
   const std::size_t page = huge_page_resource::page_size();
   void* p = r.allocate(page, 8);
   static_cast<char*>(p)[0] = 1;
-  const std::string flags = vm_flags_of(p);
-  REQUIRE(!flags.empty());
-  const bool advised = flags.find(" hg") != std::string::npos;
+  REQUIRE(!memshuffle::testing::vm_flags(p).empty());
+  const bool advised = memshuffle::testing::has_flag(p, "hg");
   if (kernel_refuses_huge_pages()) {
     CHECK_FALSE(huge_page_resource::advice_taken());
     MESSAGE("this kernel has no transparent huge pages: metadata stays on ordinary pages");
