@@ -176,7 +176,7 @@ class heap {
     std::uint8_t role = 0;
   };
   enum : std::uint8_t {
-    has_window = 1, destination = 2, placed_alone = 4,
+    destination = 2, placed_alone = 4,
     room_capped = 8,  // the room ends below a kept entry for good (no memory to note a gap)
     outside = 16      // opened for allocations during the shuffle: not the shuffle's
   };

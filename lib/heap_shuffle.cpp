@@ -47,7 +47,6 @@ void heap::begin_shuffle(std::span<move> moves, std::span<const window> windows,
     MEMSHUFFLE_ASSERT(std::is_sorted(moves.begin() + w.first, moves.begin() + w.last,
                                      [](const move& x, const move& y) { return x.from < y.from; }),
                       "heap::begin_shuffle: a window's moves must be sorted by address");
-    plan_[w.arena].role |= has_window;
     cursor_[i] = w.first;
     total_ += w.last - w.first;
   }
