@@ -85,10 +85,10 @@ handle shuffler::impl::alloc(std::size_t bytes, std::size_t alignment) {
   e.size = bytes;
   e.align_log2 = static_cast<std::uint64_t>(std::countr_zero(alignment));
   e.set(entry_state::at_rest);
-  if (!encrypting) {
-    std::memset(p, 0, bytes);  // nothing to decrypt later: zero it now
+  if (!needs_work()) {
+    std::memset(p, 0, bytes);  // a rent shows these very bytes: zero them now
     e.written = 1;
-  }
+  }  // else the first rent shows zeros in its window (or decrypts nothing)
   ++counters.live_entries;
   counters.live_bytes += bytes;
   const handle h = table.handle_of(i);
