@@ -176,9 +176,9 @@ class heap {
     std::uint8_t role = 0;
   };
   enum : std::uint8_t {
-    destination = 2, placed_alone = 4,
-    room_capped = 8,  // the room ends below a kept entry for good (no memory to note a gap)
-    outside = 16      // opened for allocations during the shuffle: not the shuffle's
+    destination = 1, placed_alone = 2,
+    room_capped = 4,  // the room ends below a kept entry for good (no memory to note a gap)
+    outside = 8       // opened for allocations during the shuffle: not the shuffle's
   };
 
   arena& open_arena(std::size_t capacity);

@@ -26,7 +26,7 @@ std::size_t read_page_size() noexcept {
 }
 
 // "always [madvise] never": the advice is followed unless the mode is never.
-bool mode_allows_advice() noexcept {
+bool read_mode_allows_advice() noexcept {
   char mode[128] = {};
   std::FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
   if (f == nullptr) return false;
@@ -51,8 +51,8 @@ std::size_t huge_page_resource::page_size() noexcept {
 bool huge_page_resource::advice_taken() noexcept { return advice_state.load(std::memory_order_relaxed) == 1; }
 
 void* huge_page_resource::do_allocate(std::size_t bytes, std::size_t alignment) {
+  if (!mapped_alone(bytes, alignment)) return std::pmr::new_delete_resource()->allocate(bytes, alignment);
   const std::size_t page = page_size();
-  if (bytes < page || alignment > page) return std::pmr::new_delete_resource()->allocate(bytes, alignment);
   if (bytes > SIZE_MAX - 2 * page) throw std::bad_alloc();
   // Mapped a page over, so that an aligned block of whole pages can be cut out of it.
   const std::size_t length = round_up(bytes, page);
@@ -64,20 +64,20 @@ void* huge_page_resource::do_allocate(std::size_t bytes, std::size_t alignment) 
   if (const std::size_t tail = at + page - block; tail != 0) ::munmap(reinterpret_cast<void*>(block + length), tail);
   void* p = reinterpret_cast<void*>(block);
   // The kernel's answer is the same for every block: the first one is kept.
+  static const bool mode_allows_advice = read_mode_allows_advice();
   int expected = 0;
-  const bool taken = ::madvise(p, length, MADV_HUGEPAGE) == 0 && mode_allows_advice();
+  const bool taken = ::madvise(p, length, MADV_HUGEPAGE) == 0 && mode_allows_advice;
   advice_state.compare_exchange_strong(expected, taken ? 1 : 2, std::memory_order_relaxed);
   mapped_.fetch_add(length, std::memory_order_relaxed);
   return p;
 }
 
 void huge_page_resource::do_deallocate(void* p, std::size_t bytes, std::size_t alignment) {
-  const std::size_t page = page_size();
-  if (bytes < page || alignment > page) {
+  if (!mapped_alone(bytes, alignment)) {
     std::pmr::new_delete_resource()->deallocate(p, bytes, alignment);
     return;
   }
-  const std::size_t length = round_up(bytes, page);
+  const std::size_t length = round_up(bytes, page_size());
   ::munmap(p, length);
   mapped_.fetch_sub(length, std::memory_order_relaxed);
 }

@@ -24,8 +24,14 @@ class huge_page_resource final : public std::pmr::memory_resource {
   // may follow: false before the first such block, and where the kernel refused the
   // advice or runs with transparent huge pages disabled.
   static bool advice_taken() noexcept;
-  // Whether a block of this many bytes lies on pages advised to be huge.
-  static bool on_huge_pages(std::size_t block_bytes) noexcept { return block_bytes >= page_size() && advice_taken(); }
+  // Whether a block is mapped on its own (else it comes from new and delete).
+  static bool mapped_alone(std::size_t bytes, std::size_t alignment) noexcept {
+    return bytes >= page_size() && alignment <= page_size();
+  }
+  // Whether a block of this many bytes (default alignment) lies on pages advised to be huge.
+  static bool on_huge_pages(std::size_t block_bytes) noexcept {
+    return mapped_alone(block_bytes, alignof(std::max_align_t)) && advice_taken();
+  }
   // Bytes in blocks mapped on their own now (advised to use huge pages if advice_taken()).
   std::size_t mapped_bytes() const noexcept { return mapped_.load(std::memory_order_relaxed); }
 

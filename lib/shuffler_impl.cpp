@@ -170,7 +170,7 @@ void shuffler::impl::doom_open(std::uint32_t i) noexcept {
 void shuffler::impl::count_op() noexcept {
   if (opt.shuffle_every == 0 || --ops_left != 0) return;
   ops_left = opt.shuffle_every;
-  try_shuffle();
+  try_compact(compact_scope::every);
 }
 
 void shuffler::impl::check_ratio() noexcept {
@@ -180,20 +180,15 @@ void shuffler::impl::check_ratio() noexcept {
   // Slack of an arena or two (the one being filled, the ends of full ones) is what any
   // layout has; a shuffle could not remove it, so it never triggers one.
   if (opt.shuffle_above_ratio > 0 && reserved > opt.shuffle_above_ratio * static_cast<double>(stored) &&
-      heap.reserved_bytes() > stored + 2 * heap.arena_size()) {
-    try {
-      compact(compact_scope::sparsest);
-    } catch (...) {
-      // Automatic: without memory the compaction stops after its last whole window.
-    }
-  }
+      heap.reserved_bytes() > stored + 2 * heap.arena_size())
+    try_compact(compact_scope::sparsest);
 }
 
-void shuffler::impl::try_shuffle() noexcept {
+void shuffler::impl::try_compact(compact_scope scope) noexcept {
   try {
-    compact(compact_scope::every);
+    compact(scope);
   } catch (...) {
-    // As above.
+    // Automatic: without memory the compaction stops after its last whole window.
   }
 }
 

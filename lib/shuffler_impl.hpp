@@ -171,9 +171,6 @@ struct shuffler::impl {
 
   void check_ratio() noexcept;
 
-  // shuffle_every: every entry at rest moves, by the compaction with every arena a
-  // source, so the upstream never holds the old and new heap at once.
-  void try_shuffle() noexcept;
 
   // --- shuffling ----------------------------------------------------------------------
 
@@ -240,10 +237,14 @@ struct shuffler::impl {
   // sparsest (the ratio policy): the sources are the sparsest arenas, as many as bring
   // reserved down to live + compaction_aim x the allowance (ratio - 1) x live; full
   // arenas stay as they are, so the bytes moved follow the bytes reclaimed.
-  // every (shuffle_every): every arena is a source, and every entry at rest moves.
+  // every (shuffle_every): every arena is a source, and every entry at rest moves, so the
+  // upstream never holds the old and new heap at once.
   enum class compact_scope : std::uint8_t { sparsest, every };
   static constexpr double compaction_aim = 0.25;
   void compact(compact_scope scope);
+  // For the policies (check_ratio with sparsest, shuffle_every with every): a
+  // compaction that finds no memory stops after its last whole window.
+  void try_compact(compact_scope scope) noexcept;
   void tally_arenas();
   void choose_sources(compact_scope scope);
   void list_moves();

@@ -154,8 +154,9 @@ class shuffler {
   ///   parts of bounded length and lets other threads in between them: an entry that
   ///   is rented when its turn comes stays where it is (one rented earlier and returned
   ///   by then moves), and entries they allocate are not moved. With several shards
-  ///   (shuffler_options::shards) the shards are shuffled one after another. Once entries have moved, an entry that finds no memory stays where it
-  ///   is too. A second call meanwhile waits for the first to end.
+  ///   (shuffler_options::shards) the shards are shuffled one after another. Once
+  ///   entries have moved, an entry that finds no memory stays where it is too. A
+  ///   second call meanwhile waits for the first to end.
   /// \throws std::bad_alloc before any entry of a shard moved: that shard and the
   ///   ones after it unchanged, the ones before it shuffled.
   void shuffle();
