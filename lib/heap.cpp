@@ -119,8 +119,9 @@ heap::where heap::locate(const std::byte* p) const noexcept {
 
 std::uint64_t heap::serial_of(where w) const noexcept { return w.a_ != nullptr ? w.a_->serial : next_serial_; }
 
-void heap::release(arena& a) noexcept {
+void heap::release(arena& a, bool wiped) noexcept {
   if (holding_) return;  // the arena numbers hold; end_shuffle() gives it back
+  a.wiped = wiped;
   if (&a == current_) current_ = nullptr;
   const std::size_t pos = a.pos;
   if (pos + 1 != arenas_.size()) {
@@ -141,7 +142,9 @@ void heap::vacate(std::byte* p, std::size_t bytes, where w) noexcept {
     a->res.reset();
     a->top = a->base;
   } else {
-    release(*a);
+    // Its last entry left: every other byte an entry held was wiped as that entry left
+    // (or by the full shuffle that ended since), so a second wipe is not needed.
+    release(*a, true);
   }
 }
 
@@ -165,7 +168,7 @@ void heap::drop(where w) noexcept {
   arena& a = *w.a_;
   a.entries = 0;
   if (&a != current_) {
-    release(a);  // wipes the whole chunk
+    release(a);  // wiped up to its fill
     return;
   }
   unpoison(reinterpret_cast<void*>(a.base), a.top - a.base);

@@ -3,7 +3,8 @@
 // with exactly one chunk from the user's upstream (a full arena refuses to grow, and
 // the next one is opened instead), so an arena is given back as soon as no entry is
 // left in it. Everything an entry leaves is wiped, and poisoned under the address
-// sanitizer; a chunk is wiped once more before it goes back upstream.
+// sanitizer; a chunk given back with entries' bytes not wiped one by one (dropped
+// whole, drained by a full shuffle, or the heap's end) is wiped up to its fill first.
 // Not synchronized: the shuffler calls it under its lock.
 #include <array>
 #include <cstddef>
@@ -184,7 +185,7 @@ class heap {
   arena& open_arena(std::size_t capacity);
   void* try_place(arena& a, const request& r);
   arena* arena_of(const void* p) const noexcept;
-  void release(arena& a) noexcept;
+  void release(arena& a, bool wiped = false) noexcept;
   void choose_destinations(std::span<const window> windows);
   std::uint32_t next_window(std::span<move> moves, std::span<const window> windows, layout_rng* rng);
   std::uint32_t next_in_order(std::span<const window> windows) noexcept;

@@ -34,6 +34,8 @@ class heap::arena final : public std::pmr::memory_resource {
   std::size_t entries = 0;   // entries whose bytes lie here
   bool refused = false;      // the last allocation failed because the arena is full
   bool has_chunk = false;
+  // Every byte an entry left here was wiped as it left: the chunk goes back as it is.
+  bool wiped = false;
   std::size_t chunk_bytes = 0;  // from the upstream
   // Where the next placement would start, and a bound on the chunk's usable end, so a
   // placement that cannot fit goes to the next arena without the cost of a refusal.
@@ -61,7 +63,9 @@ class heap::arena final : public std::pmr::memory_resource {
 
   void do_deallocate(void* p, std::size_t bytes, std::size_t alignment) override {
     unpoison(p, bytes);
-    secure_wipe(p, bytes);
+    // Bytes at and above top were never handed out since the last wipe: wiping them
+    // would only fault in pages the upstream may never have touched.
+    if (!wiped) secure_wipe(p, top - reinterpret_cast<std::uintptr_t>(p));
     owner_.chunks_.erase(reinterpret_cast<std::uintptr_t>(p));
     owner_.granules_stale_ = true;
     has_chunk = false;

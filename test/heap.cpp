@@ -157,6 +157,58 @@ TEST_CASE("dropping the arena being filled wipes and rewinds it") {
   CHECK(up.allocations() == 1);
 }
 
+namespace {
+// Raw access to bytes the heap may have poisoned (padding, bytes above the fill).
+__attribute__((no_sanitize_address)) void fill_raw(std::byte* p, std::size_t bytes, std::byte b) {
+  for (std::size_t i = 0; i < bytes; ++i) p[i] = b;
+}
+__attribute__((no_sanitize_address)) bool raw_filled_with(const std::byte* p, std::size_t bytes, std::byte b) {
+  for (std::size_t i = 0; i < bytes; ++i)
+    if (p[i] != b) return false;
+  return true;
+}
+}  // namespace
+
+TEST_CASE("a chunk given back whole is wiped up to its fill, and the bytes above are left untouched") {
+  recording_resource up;
+  up.keep_freed(true);
+  heap h(&up, arena_size);
+  std::byte* a = h.place(64, 8);
+  std::memcpy(a, marker.data(), marker.size());
+  // What the upstream handed out above the fill (its arena_resource header aside): never
+  // written by the heap, so wiping it would only fault in pages.
+  auto* const chunk = static_cast<std::byte*>(up.history().front().p);
+  const std::size_t chunk_bytes = up.history().front().bytes;
+  std::byte* above = a + 64;
+  const auto above_bytes = static_cast<std::size_t>(chunk + chunk_bytes - 64 - above);
+  fill_raw(above, above_bytes, std::byte{0xAB});
+  h.stop_filling();
+  h.index_arenas();
+  h.drop(h.at(h.arena_number(a)));
+  REQUIRE(up.deallocations() == 1);
+  CHECK_FALSE(ever_held(up, marker));
+  CHECK(raw_filled_with(above, above_bytes, std::byte{0xAB}));
+}
+
+TEST_CASE("an arena whose entries all left one by one goes back without a second wipe") {
+  recording_resource up;
+  up.keep_freed(true);
+  heap h(&up, arena_size);
+  std::byte* a = h.place(8, 64);
+  std::byte* b = h.place(8, 64);
+  REQUIRE(b == a + 64);
+  std::memcpy(a, marker.data(), marker.size());
+  std::memcpy(b, marker.data(), marker.size());
+  // The padding between them held no entry: a second wipe of the chunk would clear it.
+  fill_raw(a + 8, 56, std::byte{0xAB});
+  h.stop_filling();
+  h.vacate(a, 8);
+  h.vacate(b, 8);
+  REQUIRE(up.deallocations() == 1);
+  CHECK_FALSE(ever_held(up, marker));  // each entry wiped as it left
+  CHECK(raw_filled_with(a + 8, 56, std::byte{0xAB}));
+}
+
 TEST_CASE("after stop_filling the next placement opens a new arena, and the old one stays") {
   recording_resource up;
   heap h(&up, arena_size);
