@@ -164,7 +164,9 @@ class shuffler {
   ///   from there on the next call. A call's work follows its budget, not the heap's
   ///   size: a slot it looks at without moving anything counts as 16 bytes, and the
   ///   first slot it looks at is moved whatever its size. Does nothing while a full
-  ///   shuffle runs on another thread.
+  ///   shuffle runs on another thread. A pass visits the entries at random, so its
+  ///   arenas empty near its end: the upstream lends up to about the heap's size again
+  ///   meanwhile (the full shuffle() needs two arenas).
   /// \throws std::bad_alloc (nothing changed by this step).
   void shuffle(std::size_t budget);
   /// \effects Turns shuffle on return (shuffler_options::shuffle_on_return) on or off.
