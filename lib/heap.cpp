@@ -37,7 +37,7 @@ heap::arena& heap::open_arena(std::size_t capacity) {
 }
 
 void* heap::try_place(arena& a, const request& r) {
-  if (a.has_chunk) {
+  if (a.chunk_bytes != 0) {
     const std::uintptr_t at = (a.top + r.alignment - 1) & ~(r.alignment - 1);
     if (at < a.top || at > a.limit || a.limit - at < r.bytes) return nullptr;  // full
   }

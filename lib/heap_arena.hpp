@@ -33,10 +33,9 @@ class heap::arena final : public std::pmr::memory_resource {
   std::size_t capacity;      // usable bytes asked for: arena_size, or more for an arena of its own
   std::size_t entries = 0;   // entries whose bytes lie here
   bool refused = false;      // the last allocation failed because the arena is full
-  bool has_chunk = false;
   // Every byte an entry left here was wiped as it left: the chunk goes back as it is.
   bool wiped = false;
-  std::size_t chunk_bytes = 0;  // from the upstream
+  std::size_t chunk_bytes = 0;  // from the upstream; 0 before the chunk comes and after it goes
   // Where the next placement would start, and a bound on the chunk's usable end, so a
   // placement that cannot fit goes to the next arena without the cost of a refusal.
   std::uintptr_t base = 0, top = 0, limit = 0;
@@ -44,7 +43,7 @@ class heap::arena final : public std::pmr::memory_resource {
 
  protected:
   void* do_allocate(std::size_t bytes, std::size_t alignment) override {
-    if (has_chunk) {
+    if (chunk_bytes != 0) {
       refused = true;
       throw std::bad_alloc();
     }
@@ -53,7 +52,6 @@ class heap::arena final : public std::pmr::memory_resource {
     const auto b = reinterpret_cast<std::uintptr_t>(p);
     owner_.chunks_.insert(b, b + bytes, this);
     owner_.granules_stale_ = true;
-    has_chunk = true;
     chunk_bytes = bytes;
     base = top = b;
     limit = b + bytes - std::min<std::size_t>(bytes, chunk_header_allowance);
@@ -68,7 +66,6 @@ class heap::arena final : public std::pmr::memory_resource {
     if (!wiped) secure_wipe(p, top - reinterpret_cast<std::uintptr_t>(p));
     owner_.chunks_.erase(reinterpret_cast<std::uintptr_t>(p));
     owner_.granules_stale_ = true;
-    has_chunk = false;
     chunk_bytes = 0;
     owner_.reserved_ -= bytes;
     owner_.upstream_->deallocate(p, bytes, alignment);

@@ -120,7 +120,7 @@ void heap::choose_destinations(std::span<const window> windows) {
   std::size_t total = 0, usable = arena_size_;
   for (std::uint32_t i = 0; i < arenas_.size(); ++i) {
     const arena& a = *arenas_[i];
-    if ((plan_[i].role & outside) || a.capacity != arena_size_ || !a.has_chunk) continue;
+    if ((plan_[i].role & outside) || a.capacity != arena_size_ || a.chunk_bytes == 0) continue;
     plain.push_back({live[i], i});
     total += live[i];
     usable = std::min<std::size_t>(usable, a.limit - a.base);

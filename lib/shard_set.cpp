@@ -58,7 +58,6 @@ void give_back_taken_ordinal() noexcept {
 // goes through a TLS wrapper: only a thread taking an ordinal touches it.
 struct ordinal_at_exit {
   ~ordinal_at_exit() {
-    if (!ordinal_taken) return;
     give_back_taken_ordinal();
     // A thread_local destructor that runs later and allocates uses shard 0, which
     // always exists, rather than take an ordinal again.
