@@ -46,6 +46,19 @@ __attribute__((no_sanitize_address)) bool ever_held(const recording_resource& up
   return false;
 }
 
+// A heap over an upstream that keeps what it frees readable, its first entry (64
+// bytes) holding the marker.
+struct marked_heap {
+  recording_resource up;
+  heap h{&up, arena_size};
+  std::byte* first = nullptr;
+  marked_heap() {
+    up.keep_freed(true);
+    first = h.place(64, 8);
+    std::memcpy(first, marker.data(), marker.size());
+  }
+};
+
 }  // namespace
 
 TEST_SUITE("shuffler") {
@@ -91,22 +104,18 @@ TEST_CASE("an entry larger than an arena gets an arena of its own") {
 }
 
 TEST_CASE("vacating the last entry of an arena gives the arena back, wiped") {
-  recording_resource up;
-  up.keep_freed(true);
-  heap h(&up, arena_size);
-  std::byte* a = h.place(64, 8);
-  std::memcpy(a, marker.data(), marker.size());
+  marked_heap m;
   std::vector<std::byte*> fill;
-  while (h.arenas() == 1) fill.push_back(h.place(64, 8));  // the first arena is now full
-  REQUIRE(h.arenas() == 2);
-  h.vacate(a, 64);
-  CHECK_FALSE(ever_held(up, marker));  // wiped in place at once
+  while (m.h.arenas() == 1) fill.push_back(m.h.place(64, 8));  // the first arena is now full
+  REQUIRE(m.h.arenas() == 2);
+  m.h.vacate(m.first, 64);
+  CHECK_FALSE(ever_held(m.up, marker));  // wiped in place at once
   for (std::byte* p : fill)
-    if (h.serial_of(p) == h.serial_of(fill.front())) h.vacate(p, 64);
-  CHECK(h.arenas() == 1);
-  CHECK(h.arenas_released() == 1);
-  CHECK(up.deallocations() == 1);
-  CHECK(h.reserved_bytes() == up.outstanding_bytes());
+    if (m.h.serial_of(p) == m.h.serial_of(fill.front())) m.h.vacate(p, 64);
+  CHECK(m.h.arenas() == 1);
+  CHECK(m.h.arenas_released() == 1);
+  CHECK(m.up.deallocations() == 1);
+  CHECK(m.h.reserved_bytes() == m.up.outstanding_bytes());
 }
 
 TEST_CASE("an emptied arena that is still being filled is rewound, not given back") {
@@ -121,40 +130,30 @@ TEST_CASE("an emptied arena that is still being filled is rewound, not given bac
 }
 
 TEST_CASE("dropping an arena whose entries all left gives it back whole, wiped, without vacating them") {
-  recording_resource up;
-  up.keep_freed(true);
-  heap h(&up, arena_size);
-  std::vector<std::byte*> first;
-  first.push_back(h.place(64, 8));
-  std::memcpy(first.back(), marker.data(), marker.size());
-  while (h.arenas() == 1) first.push_back(h.place(64, 8));  // the first arena is full
-  first.pop_back();  // that one opened the second arena
-  h.index_arenas();
-  const std::uint32_t number = h.arena_number(first.front());
-  CHECK(h.chunk_bytes(number) == up.history().front().bytes);
-  CHECK_FALSE(h.filling(number));
-  CHECK(h.filling(1 - number));
-  h.drop(h.at(number));
-  CHECK(h.arenas() == 1);
-  CHECK(h.arenas_released() == 1);
-  CHECK(up.deallocations() == 1);
-  CHECK(h.reserved_bytes() == up.outstanding_bytes());
-  CHECK_FALSE(ever_held(up, marker));
+  marked_heap m;
+  while (m.h.arenas() == 1) m.h.place(64, 8);  // the first arena is full
+  m.h.index_arenas();
+  const std::uint32_t number = m.h.arena_number(m.first);
+  CHECK(m.h.chunk_bytes(number) == m.up.history().front().bytes);
+  CHECK_FALSE(m.h.filling(number));
+  CHECK(m.h.filling(1 - number));
+  m.h.drop(m.h.at(number));
+  CHECK(m.h.arenas() == 1);
+  CHECK(m.h.arenas_released() == 1);
+  CHECK(m.up.deallocations() == 1);
+  CHECK(m.h.reserved_bytes() == m.up.outstanding_bytes());
+  CHECK_FALSE(ever_held(m.up, marker));
 }
 
 TEST_CASE("dropping the arena being filled wipes and rewinds it") {
-  recording_resource up;
-  up.keep_freed(true);
-  heap h(&up, arena_size);
-  std::byte* a = h.place(64, 8);
-  std::memcpy(a, marker.data(), marker.size());
-  h.place(64, 8);
-  h.index_arenas();
-  h.drop(h.at(h.arena_number(a)));
-  CHECK(h.arenas() == 1);
-  CHECK_FALSE(ever_held(up, marker));
-  CHECK(h.place(64, 8) == a);  // the same bytes again
-  CHECK(up.allocations() == 1);
+  marked_heap m;
+  m.h.place(64, 8);
+  m.h.index_arenas();
+  m.h.drop(m.h.at(m.h.arena_number(m.first)));
+  CHECK(m.h.arenas() == 1);
+  CHECK_FALSE(ever_held(m.up, marker));
+  CHECK(m.h.place(64, 8) == m.first);  // the same bytes again
+  CHECK(m.up.allocations() == 1);
 }
 
 namespace {
@@ -170,23 +169,19 @@ __attribute__((no_sanitize_address)) bool raw_filled_with(const std::byte* p, st
 }  // namespace
 
 TEST_CASE("a chunk given back whole is wiped up to its fill, and the bytes above are left untouched") {
-  recording_resource up;
-  up.keep_freed(true);
-  heap h(&up, arena_size);
-  std::byte* a = h.place(64, 8);
-  std::memcpy(a, marker.data(), marker.size());
+  marked_heap m;
   // What the upstream handed out above the fill (its arena_resource header aside): never
   // written by the heap, so wiping it would only fault in pages.
-  auto* const chunk = static_cast<std::byte*>(up.history().front().p);
-  const std::size_t chunk_bytes = up.history().front().bytes;
-  std::byte* above = a + 64;
+  auto* const chunk = static_cast<std::byte*>(m.up.history().front().p);
+  const std::size_t chunk_bytes = m.up.history().front().bytes;
+  std::byte* above = m.first + 64;
   const auto above_bytes = static_cast<std::size_t>(chunk + chunk_bytes - 64 - above);
   fill_raw(above, above_bytes, std::byte{0xAB});
-  h.stop_filling();
-  h.index_arenas();
-  h.drop(h.at(h.arena_number(a)));
-  REQUIRE(up.deallocations() == 1);
-  CHECK_FALSE(ever_held(up, marker));
+  m.h.stop_filling();
+  m.h.index_arenas();
+  m.h.drop(m.h.at(m.h.arena_number(m.first)));
+  REQUIRE(m.up.deallocations() == 1);
+  CHECK_FALSE(ever_held(m.up, marker));
   CHECK(raw_filled_with(above, above_bytes, std::byte{0xAB}));
 }
 
