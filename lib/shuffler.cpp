@@ -204,7 +204,7 @@ void shuffler::synchronized::shuffle_in_parts(std::unique_lock<std::mutex>& lk) 
     const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
     while (waiting.load(std::memory_order_relaxed) > 0 && std::chrono::steady_clock::now() < until)
       std::this_thread::yield();
-    lk.lock();
+    relock(lk);
   }
 }
 
