@@ -1,7 +1,9 @@
 #include "huge_page_resource.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -80,6 +82,14 @@ void huge_page_resource::do_deallocate(void* p, std::size_t bytes, std::size_t a
   const std::size_t length = round_up(bytes, page_size());
   ::munmap(p, length);
   mapped_.fetch_sub(length, std::memory_order_relaxed);
+}
+
+void huge_page_resource::fault_in(void* p, std::size_t bytes) noexcept {
+  static const auto step = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  auto* const begin = static_cast<unsigned char*>(p);
+  // A write fault, as the block's user will write; or-ing zero keeps the byte.
+  for (std::size_t at = 0; at < bytes; at += step)
+    std::atomic_ref<unsigned char>(begin[at]).fetch_or(0, std::memory_order_relaxed);
 }
 
 }  // namespace memshuffle::detail

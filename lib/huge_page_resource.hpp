@@ -32,6 +32,10 @@ class huge_page_resource final : public std::pmr::memory_resource {
   static bool on_huge_pages(std::size_t block_bytes) noexcept {
     return mapped_alone(block_bytes, alignof(std::max_align_t)) && advice_taken();
   }
+  // Faults in every page of [p, p + bytes) without changing a byte: a huge page's first
+  // touch clears all of it at once (milliseconds in a virtual machine), a cost a caller
+  // can pay here, outside its lock, rather than in the middle of bounded work.
+  static void fault_in(void* p, std::size_t bytes) noexcept;
   // Bytes in blocks mapped on their own now (advised to use huge pages if advice_taken()).
   std::size_t mapped_bytes() const noexcept { return mapped_.load(std::memory_order_relaxed); }
 

@@ -36,6 +36,10 @@ void shuffler::impl::begin_full() {
   full.unsettled = 0;
 }
 
+void shuffler::impl::fault_in_plan() noexcept {
+  detail::huge_page_resource::fault_in(plan.data(), plan.capacity() * sizeof(detail::move));
+}
+
 bool shuffler::impl::shuffle_part() {
   using phase = full_state::phase;
   const shuffle_timer timer{counters};

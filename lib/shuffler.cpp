@@ -198,6 +198,9 @@ void shuffler::synchronized::shuffle_in_parts(std::unique_lock<std::mutex>& lk) 
     std::condition_variable& cv;
     ~wake() { cv.notify_all(); }
   } waiters{cv};
+  lk.unlock();
+  core.fault_in_plan();
+  relock(lk);
   while (core.shuffle_part()) {
     lk.unlock();
     // The threads waiting for the lock go first (for a while: more keep coming).

@@ -194,6 +194,10 @@ struct shuffler::impl {
   // entry pinned when its turn comes stays where it is.
   // Throws std::bad_alloc, nothing changed.
   void begin_full();
+  // The plan's room faulted in, for the thread running the full shuffle to call with the
+  // lock released after begin_full (no other thread touches the plan): on huge pages the
+  // grow parts would otherwise stop for a whole huge page's first touch each.
+  void fault_in_plan() noexcept;
   // Returns whether parts remain. Only the parts before the first move can fail: on
   // std::bad_alloc the shuffle is abandoned and nothing changed.
   bool shuffle_part();

@@ -2,12 +2,17 @@
 // on their own and advised to use transparent huge pages, the rest from new and delete.
 #include <doctest/doctest.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "lib/huge_page_resource.hpp"
 #include "test/support/smaps.hpp"
@@ -75,4 +80,26 @@ TEST_CASE("a mapped block carries the huge page advice where the kernel takes it
   CHECK(huge_page_resource::on_huge_pages(page) == huge_page_resource::advice_taken());
   CHECK_FALSE(huge_page_resource::on_huge_pages(page - 1));
   r.deallocate(p, page, 8);
+}
+
+TEST_CASE("fault_in makes every page of a block resident and leaves its bytes as they were") {
+  auto& r = huge_page_resource::instance();
+  const std::size_t bytes = 2 * huge_page_resource::page_size();
+  auto* p = static_cast<unsigned char*>(r.allocate(bytes));
+  const auto page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  const auto resident = [&] {
+    std::vector<unsigned char> in(bytes / page);
+    REQUIRE(mincore(p, bytes, in.data()) == 0);
+    return static_cast<std::size_t>(std::count_if(in.begin(), in.end(), [](unsigned char v) { return (v & 1) != 0; }));
+  };
+  CHECK(resident() == 0);  // a fresh mapping: nothing touched yet
+  huge_page_resource::fault_in(p, bytes);
+  CHECK(resident() == bytes / page);
+  CHECK(std::all_of(p, p + bytes, [](unsigned char v) { return v == 0; }));
+  p[0] = 0x5A;
+  p[bytes - 1] = 0xA5;
+  huge_page_resource::fault_in(p, bytes);
+  CHECK(p[0] == 0x5A);
+  CHECK(p[bytes - 1] == 0xA5);
+  r.deallocate(p, bytes);
 }
