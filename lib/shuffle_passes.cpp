@@ -148,6 +148,10 @@ void shuffler::impl::sort_part() {
 
 void shuffler::impl::begin_moves() {
   heap.begin_shuffle(plan, windows, opt.randomize_layout ? &rng : nullptr);
+  std::size_t moves = 0, bytes = 0;
+  for (const detail::window& w : windows) moves += w.last - w.first, bytes += w.bytes;
+  const std::size_t average = std::max<std::size_t>(1, bytes / std::max<std::size_t>(1, moves));
+  full.moves_per_part = static_cast<std::uint32_t>(std::clamp<std::size_t>(part_bytes / average, min_part_moves, part_moves));
   full.at = full_state::phase::move;
 }
 
@@ -161,7 +165,8 @@ void shuffler::impl::move_part() {
     const entry_state st = me.table[m.slot].st();
     return st != entry_state::at_rest && st != entry_state::doomed;
   };
-  const std::size_t n = heap.plan_part(plan, windows, opt.randomize_layout ? &rng : nullptr, {this, pinned}, full.part);
+  const std::size_t n = heap.plan_part(plan, windows, opt.randomize_layout ? &rng : nullptr, {this, pinned},
+                                       std::span(full.part).first(full.moves_per_part));
   const std::span<const std::uint32_t> sequence(full.part.data(), n);
   heap.run_moves(plan, sequence);
   for (const std::uint32_t k : sequence) {

@@ -216,14 +216,18 @@ struct shuffler::impl {
     std::uint32_t arenas = 0;  // the arenas when it began (the shuffle's own)
     std::uint32_t total = 0;   // entries in those arenas
     std::vector<std::uint32_t> part;  // a move part's sequence
+    std::uint32_t moves_per_part = 0;  // set as the moves begin
     // Entries not at rest when gathered, or taken from rest since (rented, or marked by
     // a key rotation): while there is none, no move need look at its slot again to see
     // whether it may still move.
     std::uint64_t unsettled = 0;
   } full;
   // A part's work: a few hundred microseconds of one core at 1 GiB (each slot or move
-  // misses the cache).
-  static constexpr std::uint32_t part_slots = 4096, part_moves = 256;
+  // misses the cache). A move part takes part_moves entries, or as few as min_part_moves
+  // large ones: about part_bytes, so a thread waiting for the lock (as often as four
+  // times for a rent and its return) waits about as long whatever the entries' size.
+  static constexpr std::uint32_t part_slots = 4096, part_moves = 256, min_part_moves = 16;
+  static constexpr std::size_t part_bytes = 128 * 1024;
 
   void gather_part();
   void sort_part();

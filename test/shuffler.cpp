@@ -1559,6 +1559,20 @@ TEST_CASE("an entry made and freed between a full shuffle's parts is dropped by 
   CHECK(s.stats().live_entries == 0);
 }
 
+TEST_CASE("a full shuffle moves large entries fewer at a time, so a part takes about as long whatever their size") {
+  const auto parts = [](std::size_t bytes) {
+    shuffler s({.cipher = cipher_kind::none, .shards = 1});
+    std::vector<handle> hs;
+    for (int i = 0; i < 2048; ++i) hs.push_back(s.alloc<std::byte>(bytes));
+    std::size_t n = 1;
+    while (memshuffle::detail::full_shuffle_part(s, hs[0])) ++n;
+    return n;
+  };
+  // 2,048 entries: 8 parts of 256 moves when small; 4 KiB ones, 128 KiB a part (32 moves).
+  CHECK(parts(64) < 20);
+  CHECK(parts(4096) >= 2048 / 32);
+}
+
 TEST_CASE("a full shuffle lets other threads in between its parts, and an entry they rent meanwhile stays put") {
   // In place: a rented entry's plaintext is in the arena, so moving it would show.
   shuffler s({.arena_size = 4096, .plaintext_in_place = true});
